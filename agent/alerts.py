@@ -1,0 +1,74 @@
+"""Alerts by mail. Sending never fails a job: a mail that cannot be sent is logged and the
+job's own outcome stands."""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+import socket
+import ssl
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+
+from agent.config import MailConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Alert:
+    """What went wrong, where, and what was kept."""
+
+    source: str
+    job: str
+    step: str
+    error: str
+    kept: str
+
+    @property
+    def subject(self) -> str:
+        return f"[backup-agent] {self.source}: {self.job} failed at {self.step}"
+
+    @property
+    def body(self) -> str:
+        return (f"Source: {self.source}\n"
+                f"Job: {self.job}\n"
+                f"Failed step: {self.step}\n"
+                f"Error: {self.error}\n"
+                f"Kept: {self.kept or 'nothing was changed'}\n"
+                f"Host: {socket.gethostname()}\n")
+
+
+def send(mail: MailConfig, alert: Alert) -> bool:
+    """Mail `alert` to the configured recipients; return whether it was sent.
+    Never raise: every failure is logged."""
+    logger.error("ALERT %s — %s", alert.subject, alert.error)
+    if not mail.host:
+        logger.warning("alert not mailed: SMTP_HOST is not set")
+        return False
+    message = EmailMessage()
+    message["Subject"] = alert.subject
+    message["From"] = mail.sender or f"backup-agent@{socket.gethostname()}"
+    message["To"] = ", ".join(mail.recipients)
+    message["Date"] = formatdate(localtime=False)
+    message["Message-ID"] = make_msgid(domain="backup-agent")
+    message.set_content(alert.body)
+    try:
+        context = ssl.create_default_context()
+        if mail.security == "tls":
+            client: smtplib.SMTP = smtplib.SMTP_SSL(mail.host, mail.port, timeout=mail.timeout,
+                                                    context=context)
+        else:
+            client = smtplib.SMTP(mail.host, mail.port, timeout=mail.timeout)
+        with client:
+            if mail.security == "starttls":
+                client.starttls(context=context)
+            if mail.user:
+                client.login(mail.user, mail.password)
+            client.send_message(message)
+    except (OSError, smtplib.SMTPException) as exc:
+        logger.error("alert could not be mailed via %s:%s: %s", mail.host, mail.port, exc)
+        return False
+    logger.info("alert mailed to %s", ", ".join(mail.recipients))
+    return True

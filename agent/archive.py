@@ -1,0 +1,95 @@
+"""Archives and hashes: tar + multi-threaded zstd + sha256 in one pass over the data.
+
+GNU tar reads the tree (POSIX pax format: nanosecond mtimes, numeric owners, symlinks,
+hardlinks, empty directories, sparse files, names that are not UTF-8); its stream is
+compressed by zstd on every core and hashed as it is written. Memory stays flat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+ARCHIVE_NAME = "data.tar.zst"
+CHUNK = 1 << 20
+TAR_CREATE = ("tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--sparse",
+              "--pax-option=delete=atime,delete=ctime")
+
+
+class ArchiveError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Digest:
+    size: int
+    sha256: str
+
+
+class _HashingWriter:
+    """A write-only file that hashes and counts what passes through it."""
+
+    def __init__(self, handle: object) -> None:
+        self._handle = handle
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        return self._handle.write(data)  # type: ignore[attr-defined]
+
+    def digest(self) -> Digest:
+        return Digest(self.size, self._hash.hexdigest())
+
+
+def create(root: Path, members: Sequence[str], target: Path, level: int, threads: int) -> Digest:
+    """Write a zstd-compressed tar of `members` (paths relative to `root`) to `target`, durably.
+    Return the size and sha256 of the written file. Raise ArchiveError with tar's message if
+    tar fails (the partial target is removed)."""
+    compressor = zstandard.ZstdCompressor(level=level, threads=threads or -1)
+    with tempfile.TemporaryFile() as errors:
+        tar = subprocess.Popen([*TAR_CREATE, "--directory", str(root), "--", *members],
+                               stdout=subprocess.PIPE, stderr=errors)
+        try:
+            with tar.stdout, open(target, "wb") as handle:  # type: ignore[union-attr]
+                writer = _HashingWriter(handle)
+                compressor.copy_stream(tar.stdout, writer, read_size=CHUNK, write_size=CHUNK)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if tar.wait() != 0:
+                errors.seek(0)
+                message = errors.read().decode(errors="replace").strip()[-500:]
+                raise ArchiveError(f"tar failed (exit {tar.returncode}): {message}")
+        except BaseException:
+            tar.kill()
+            tar.wait()
+            target.unlink(missing_ok=True)
+            raise
+    return writer.digest()
+
+
+def hash_file(path: Path) -> Digest:
+    """Return the size and sha256 of the file at `path`, read in chunks."""
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256")
+        size = handle.tell()
+    return Digest(size, digest.hexdigest())
+
+
+def walk_files(root: Path) -> Iterator[Path]:
+    """Yield every regular file below `root` (not following symlinks), sorted per directory."""
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        with os.scandir(directory) as entries:
+            ordered = sorted(entries, key=lambda e: e.name)
+        yield from (Path(e.path) for e in ordered if e.is_file(follow_symlinks=False))
+        stack.extend(Path(e.path) for e in reversed(ordered) if e.is_dir(follow_symlinks=False))

@@ -1,0 +1,108 @@
+"""The `backup-agent` command. A container entrypoint only has to call it.
+
+Exit codes: 0 done; 1 the job failed (an alert was sent); 2 invalid configuration or usage
+(nothing was touched); 3 another job of this agent is running (this run was skipped);
+128+N interrupted by signal N (the application was started again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent import __version__, alerts, config, logsetup
+from agent.interrupts import Interrupted
+from agent.lock import LockBusy
+from agent.steps import StepFailed
+
+logger = logging.getLogger("agent")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_BUSY = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backup-agent", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
+    parser.add_argument("--env-file", type=Path, default=Path(".env"),
+                        help="a .env file to read settings from (default: ./.env if present); "
+                             "the environment wins")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    show = commands.add_parser("config", help="print the effective configuration, secrets masked")
+    show.add_argument("--role", choices=config.ALL_ROLES, help="only this role's settings")
+    show.add_argument("--markdown", action="store_true",
+                      help="print the settings table of the README instead")
+    show.set_defaults(run=_show_config)
+
+    source = commands.add_parser("source", help="jobs of the source agent")
+    source_jobs = source.add_subparsers(dest="job", required=True)
+    source_jobs.add_parser("backup", help="step 1: stop the application, collect its data and "
+                           "logs into the handover, start it again").set_defaults(run=_source_backup)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except config.ConfigError as exc:
+        print("backup-agent: invalid configuration (nothing was touched):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _values(args: argparse.Namespace) -> dict[str, str]:
+    return config.read_values(os.environ, args.env_file)
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print(config.markdown_table())
+        return EXIT_OK
+    for name, value, explicit in config.effective(_values(args), args.role):
+        print(f"{name}={value}" + ("" if explicit else "  # default"))
+    return EXIT_OK
+
+
+def _source_backup(args: argparse.Namespace) -> int:
+    from agent import source_backup
+
+    settings = config.parse_source(_values(args))
+    config.check_paths(settings)
+    logsetup.configure(settings.log_level, settings.log_format)
+    return _run_job(source_backup.JOB, settings.source_id, settings.mail,
+                    lambda: source_backup.backup(settings))
+
+
+def _run_job(job: str, source: str, mail: config.MailConfig, body: Callable[[], object]) -> int:
+    """Run a job's body and turn its outcome into an exit code, alerting on every failure."""
+    try:
+        body()
+    except LockBusy as exc:
+        logger.error("%s", exc)
+        return EXIT_BUSY
+    except StepFailed as failure:
+        cause = failure.__context__ if isinstance(failure.__context__, StepFailed) else None
+        error = failure.error + (f" (while handling: {cause})" if cause else "")
+        alerts.send(mail, alerts.Alert(source, job, failure.step, error, failure.kept))
+        if isinstance(failure.__cause__, Interrupted):
+            return 128 + failure.__cause__.signum
+        return EXIT_FAILED
+    except Interrupted as exc:
+        alerts.send(mail, alerts.Alert(source, job, "interrupted", str(exc),
+                                       "the application was started again; no new generation"))
+        return 128 + exc.signum
+    except Exception as exc:
+        logger.exception("%s failed unexpectedly", job)
+        alerts.send(mail, alerts.Alert(source, job, "unexpected error", repr(exc), ""))
+        return EXIT_FAILED
+    return EXIT_OK

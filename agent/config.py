@@ -1,0 +1,376 @@
+"""Every setting, declared once, and the typed configuration of each role.
+
+A setting is read from the environment, from an optional `.env` file (the environment wins),
+or from a secret file named by `NAME_FILE`. `parse_*` functions are pure: they take the raw
+values and return a dataclass or raise `ConfigError` listing every invalid setting at once.
+`check_paths` is the one function here that looks at the filesystem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from dotenv import dotenv_values
+
+T = TypeVar("T")
+
+SOURCE = "source"
+SINK = "sink"
+ALL_ROLES = (SOURCE, SINK)
+
+
+class ConfigError(Exception):
+    """Invalid configuration: one message per invalid setting."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: str
+    help: str
+    roles: tuple[str, ...] = ALL_ROLES
+    secret: bool = False
+    required: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # --- the source agent ---
+    Setting("SOURCE_ID", "", "Name of this source: letters, digits, `.`, `_`, `-` (at most 64). "
+            "Names its generations in every store.", (SOURCE,), required=True),
+    Setting("DATA_PATHS", "", "Comma-separated absolute directories holding the application's data "
+            "(the volumes the agent shares with the application).", (SOURCE,), required=True),
+    Setting("LOG_PATHS", "", "Comma-separated absolute directories holding the application's logs; "
+            "empty: no log generations.", (SOURCE,)),
+    Setting("HANDOVER_DIR", "/backup/handover", "The transport handover point: finished generations, "
+            "the mirror (`.mirror`), staging (`.staging`) and the agent's state (`.state`).", (SOURCE,)),
+    Setting("STOP_LABEL", "backup.stop-during-backup=true", "Containers with this label (`key` or "
+            "`key=value`) are stopped (or paused) while the data is collected.", (SOURCE,)),
+    Setting("COMPOSE_PROJECT", "", "When set, only containers of this compose project are stopped "
+            "or receive pre/post commands, so two stacks on one host leave each other alone.", (SOURCE,)),
+    Setting("QUIESCE_MODE", "stop", "`stop` the application's containers, or `pause` them "
+            "(freezes processes; the application cannot flush on shutdown).", (SOURCE,)),
+    Setting("STOP_TIMEOUT", "10", "Seconds Docker waits for a container to stop before killing it.",
+            (SOURCE,)),
+    Setting("COLLECT_MODE", "mirror", "`mirror`: keep a mirror in the handover, updated while the "
+            "application runs, so the stop only covers the changes; `direct`: no mirror, archive "
+            "while stopped (downtime grows with data size; needs only the archive's disk space).",
+            (SOURCE,)),
+    Setting("PRE_COMMAND_LABEL", "backup.pre-command", "A container label whose value is a shell "
+            "command run inside that container before the application is stopped (e.g. a database "
+            "dump); a failure aborts the backup before anything is stopped.", (SOURCE,)),
+    Setting("POST_COMMAND_LABEL", "backup.post-command", "A container label whose value is a shell "
+            "command run inside that container after the application is started again.", (SOURCE,)),
+    Setting("ZSTD_LEVEL", "3", "zstd compression level of data archives, 1-19.", (SOURCE,)),
+    Setting("ZSTD_THREADS", "0", "zstd worker threads; 0 uses every core.", (SOURCE,)),
+    Setting("DOCKER_HOST", "unix:///var/run/docker.sock", "The Docker Engine API the agent talks to "
+            "(the mounted socket, or a socket proxy such as `tcp://docker-proxy:2375`).", (SOURCE,)),
+    # --- alerts and logging (every role) ---
+    Setting("SMTP_HOST", "", "Mail server for alerts; empty: alerts are only logged."),
+    Setting("SMTP_PORT", "25", "Mail server port (25, 587 for STARTTLS, 465 for TLS)."),
+    Setting("SMTP_SECURITY", "starttls", "`starttls`, `tls` (implicit TLS) or `none`."),
+    Setting("SMTP_USER", "", "Login for the mail server; empty: no login."),
+    Setting("SMTP_PASSWORD", "", "Password for the mail server.", secret=True),
+    Setting("SMTP_TIMEOUT", "30", "Seconds to wait for the mail server."),
+    Setting("ALERT_FROM", "", "Sender address of alerts; empty: `backup-agent@<hostname>`."),
+    Setting("ALERT_TO", "", "Comma-separated recipients of alerts; required when `SMTP_HOST` is set."),
+    Setting("LOG_LEVEL", "INFO", "`DEBUG`, `INFO`, `WARNING` or `ERROR`."),
+    Setting("LOG_FORMAT", "plain", "`plain` lines or `json` lines, on standard error."),
+)
+
+SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
+
+SOURCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")
+LABEL_VALUE_RE = re.compile(r"^[^\s=,]*$")
+EMAIL_RE = re.compile(r"^[^@\s,]+@[^@\s,]+$")
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    key: str
+    value: str | None
+
+    def docker_filter(self) -> str:
+        return self.key if self.value is None else f"{self.key}={self.value}"
+
+
+@dataclass(frozen=True)
+class MailConfig:
+    host: str
+    port: int
+    security: str
+    user: str
+    password: str
+    timeout: float
+    sender: str
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    source_id: str
+    data_paths: tuple[Path, ...]
+    log_paths: tuple[Path, ...]
+    handover_dir: Path
+    stop_label: LabelSelector
+    compose_project: str
+    quiesce_mode: str
+    stop_timeout: int
+    collect_mode: str
+    pre_command_label: str
+    post_command_label: str
+    zstd_level: int
+    zstd_threads: int
+    docker_host: str
+    mail: MailConfig
+    log_level: str = "INFO"
+    log_format: str = "plain"
+    all_paths: tuple[Path, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "all_paths", self.data_paths + self.log_paths)
+
+
+# ---------------------------------------------------------------- reading the environment
+
+
+def read_values(environ: Mapping[str, str], env_file: Path | None = None) -> dict[str, str]:
+    """Given the process environment and an optional `.env` file, return the raw value of every
+    declared setting that is set. `NAME_FILE` is replaced by the file's content (one trailing
+    newline stripped). Raise ConfigError if both `NAME` and `NAME_FILE` are set or a file is
+    missing or unreadable."""
+    merged: dict[str, str] = {}
+    if env_file is not None and env_file.is_file():
+        merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    merged.update(environ)
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for setting in SETTINGS:
+        direct = merged.get(setting.env)
+        file_name = merged.get(setting.env + "_FILE")
+        if direct is not None and file_name is not None:
+            problems.append(f"{setting.env}: both {setting.env} and {setting.env}_FILE are set; "
+                            "set only one")
+        elif file_name is not None:
+            try:
+                values[setting.env] = Path(file_name).read_text().removesuffix("\n")
+            except OSError as exc:
+                problems.append(f"{setting.env}_FILE: cannot read {file_name!r} "
+                                f"({exc.strerror}); point it at a readable file")
+        elif direct is not None:
+            values[setting.env] = direct
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+# ---------------------------------------------------------------- pure parsing
+
+
+class _Parser:
+    """Collects problems while turning raw values into typed ones."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        self.values = values
+        self.problems: list[str] = []
+
+    def raw(self, env: str) -> str:
+        setting = SETTINGS_BY_ENV[env]
+        value = self.values.get(env, setting.default).strip()
+        if setting.required and not value:
+            self.problems.append(f"{env}: required; {setting.help}")
+        return value
+
+    def _check(self, env: str, convert: Callable[[str], T], allowed: str, fallback: T) -> T:
+        value = self.raw(env)
+        try:
+            return convert(value)
+        except ValueError:
+            self.problems.append(f"{env}: {value!r} is not allowed; {allowed}")
+            return fallback
+
+    def choice(self, env: str, choices: tuple[str, ...]) -> str:
+        def convert(value: str) -> str:
+            if value not in choices:
+                raise ValueError
+            return value
+        return self._check(env, convert, "use one of: " + ", ".join(choices), choices[0])
+
+    def integer(self, env: str, low: int, high: int | None = None) -> int:
+        def convert(value: str) -> int:
+            number = int(value)
+            if number < low or (high is not None and number > high):
+                raise ValueError
+            return number
+        span = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        return self._check(env, convert, "use " + span, low)
+
+    def paths(self, env: str) -> tuple[Path, ...]:
+        def convert(value: str) -> tuple[Path, ...]:
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            paths = tuple(Path(os.path.normpath(item)) for item in items)
+            if any(not p.is_absolute() or p == Path("/") for p in paths):
+                raise ValueError
+            return paths
+        return self._check(env, convert, "use comma-separated absolute directories other than /", ())
+
+    def path(self, env: str) -> Path:
+        def convert(value: str) -> Path:
+            path = Path(os.path.normpath(value))
+            if not path.is_absolute() or path == Path("/"):
+                raise ValueError
+            return path
+        return self._check(env, convert, "use an absolute directory other than /", Path("/invalid"))
+
+    def label_key(self, env: str) -> str:
+        def convert(value: str) -> str:
+            if not LABEL_KEY_RE.match(value):
+                raise ValueError
+            return value
+        return self._check(env, convert, "use a Docker label key such as `backup.pre-command`", "")
+
+    def selector(self, env: str) -> LabelSelector:
+        return self._check(env, parse_label_selector,
+                           "use `key` or `key=value`, e.g. `backup.stop-during-backup=true`",
+                           LabelSelector("invalid", None))
+
+    def pattern(self, env: str, regex: re.Pattern[str], allowed: str) -> str:
+        def convert(value: str) -> str:
+            if value and not regex.match(value):
+                raise ValueError
+            return value
+        return self._check(env, convert, allowed, "")
+
+    def emails(self, env: str) -> tuple[str, ...]:
+        def convert(value: str) -> tuple[str, ...]:
+            items = tuple(item.strip() for item in value.split(",") if item.strip())
+            if not all(EMAIL_RE.match(item) for item in items):
+                raise ValueError
+            return items
+        return self._check(env, convert, "use comma-separated mail addresses", ())
+
+
+def parse_label_selector(text: str) -> LabelSelector:
+    """Given `key` or `key=value`, return the selector. Raise ValueError if malformed."""
+    key, sep, value = text.partition("=")
+    if not LABEL_KEY_RE.match(key) or (sep and not (value and LABEL_VALUE_RE.match(value))):
+        raise ValueError(text)
+    return LabelSelector(key, value if sep else None)
+
+
+def _parse_mail(p: _Parser) -> MailConfig:
+    host = p.raw("SMTP_HOST")
+    recipients = p.emails("ALERT_TO")
+    if host and not recipients:
+        p.problems.append("ALERT_TO: required when SMTP_HOST is set; use comma-separated mail addresses")
+    return MailConfig(
+        host=host,
+        port=p.integer("SMTP_PORT", 1, 65535),
+        security=p.choice("SMTP_SECURITY", ("starttls", "tls", "none")),
+        user=p.raw("SMTP_USER"),
+        password=p.raw("SMTP_PASSWORD"),
+        timeout=p.integer("SMTP_TIMEOUT", 1, 3600),
+        sender=p.pattern("ALERT_FROM", EMAIL_RE, "use a mail address"),
+        recipients=recipients,
+    )
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def parse_source(values: Mapping[str, str]) -> SourceConfig:
+    """Given raw setting values, return the source agent's configuration.
+    Raise ConfigError listing every invalid setting."""
+    p = _Parser(values)
+    config = SourceConfig(
+        source_id=p.pattern("SOURCE_ID", SOURCE_ID_RE,
+                            "use letters, digits, `.`, `_`, `-`, starting with a letter or digit"),
+        data_paths=p.paths("DATA_PATHS"),
+        log_paths=p.paths("LOG_PATHS"),
+        handover_dir=p.path("HANDOVER_DIR"),
+        stop_label=p.selector("STOP_LABEL"),
+        compose_project=p.pattern("COMPOSE_PROJECT", re.compile(r"^[a-z0-9][a-z0-9_-]*$"),
+                                  "use a compose project name (lowercase letters, digits, `_`, `-`)"),
+        quiesce_mode=p.choice("QUIESCE_MODE", ("stop", "pause")),
+        stop_timeout=p.integer("STOP_TIMEOUT", 0, 3600),
+        collect_mode=p.choice("COLLECT_MODE", ("mirror", "direct")),
+        pre_command_label=p.label_key("PRE_COMMAND_LABEL"),
+        post_command_label=p.label_key("POST_COMMAND_LABEL"),
+        zstd_level=p.integer("ZSTD_LEVEL", 1, 19),
+        zstd_threads=p.integer("ZSTD_THREADS", 0, 256),
+        docker_host=p.pattern("DOCKER_HOST", re.compile(r"^(unix|tcp|ssh|npipe)://\S+$"),
+                              "use unix:///path, tcp://host:port or ssh://user@host"),
+        mail=_parse_mail(p),
+        log_level=p.choice("LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
+        log_format=p.choice("LOG_FORMAT", ("plain", "json")),
+    )
+    paths = list(config.all_paths)
+    for i, a in enumerate(paths):
+        for b in paths[i + 1:]:
+            if _overlaps(a, b):
+                p.problems.append(f"DATA_PATHS/LOG_PATHS: {a} and {b} overlap; "
+                                  "list each directory once and none inside another")
+        if _overlaps(a, config.handover_dir):
+            p.problems.append(f"HANDOVER_DIR: {config.handover_dir} overlaps the backed-up path {a}; "
+                              "put the handover outside the data and log paths")
+    if p.problems:
+        raise ConfigError(p.problems)
+    return config
+
+
+# ---------------------------------------------------------------- the one I/O check
+
+
+def check_paths(config: SourceConfig) -> None:
+    """Raise ConfigError if a data or log path is not a readable directory or the handover
+    directory cannot be created or written."""
+    problems: list[str] = []
+    for env, paths in (("DATA_PATHS", config.data_paths), ("LOG_PATHS", config.log_paths)):
+        for path in paths:
+            if not path.is_dir():
+                problems.append(f"{env}: {path} is not a directory; mount the application's "
+                                "volume there or fix the path")
+            elif not os.access(path, os.R_OK | os.X_OK):
+                problems.append(f"{env}: {path} is not readable by this agent; run it as a user "
+                                "that can read the application's files")
+    try:
+        config.handover_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(config.handover_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        problems.append(f"HANDOVER_DIR: {config.handover_dir} is not a writable directory "
+                        f"({exc.strerror}); mount a writable volume there")
+    if problems:
+        raise ConfigError(problems)
+
+
+def effective(values: Mapping[str, str], role: str | None = None) -> list[tuple[str, str, bool]]:
+    """Return (name, shown value, set explicitly) for every setting of `role` (all when None),
+    secrets masked."""
+    rows = []
+    for s in SETTINGS:
+        if role is not None and role not in s.roles:
+            continue
+        value = values.get(s.env, s.default)
+        shown = ("***" if value else "") if s.secret else value
+        rows.append((s.env, shown, s.env in values))
+    return rows
+
+
+def markdown_table() -> str:
+    """The README's settings table, generated from the declarations."""
+    lines = ["| variable | default | roles | meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = "*(required)*" if s.required else (f"`{s.default}`" if s.default else "")
+        lines.append(f"| `{s.env}` | {default} | {', '.join(s.roles)} | {s.help} |")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""The transport handover point: `<handover>/{data,logs}/<generation>/`.
+
+Work in progress lives in hidden siblings (`.staging`, `.mirror`, `.state`) and a generation
+is renamed into place only when its manifest is written, so everything visible in `data/` or
+`logs/` with a valid manifest is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import generation, manifest
+from agent.manifest import Manifest, fsync_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Handover:
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".state"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.state / "agent.lock"
+
+    @property
+    def quiesce_record(self) -> Path:
+        return self.state / "quiesced.json"
+
+    def mirror(self, kind: str) -> Path:
+        return self.root / ".mirror" / kind
+
+    def staging(self, kind: str) -> Path:
+        return self.root / ".staging" / kind
+
+    def generation_dir(self, kind: str, gen: str) -> Path:
+        generation.parse(gen)
+        return self.root / kind / gen
+
+    def complete(self, kind: str) -> list[Manifest]:
+        """Return the manifests of the complete generations of `kind`, oldest first. Entries
+        with a malformed name or without a valid manifest are skipped (and logged)."""
+        found = []
+        directory = self.root / kind
+        if not directory.is_dir():
+            return []
+        for entry in sorted(directory.iterdir()):
+            if not generation.is_valid(entry.name):
+                logger.warning("ignoring %s: not a generation", entry)
+                continue
+            try:
+                found.append(manifest.read(entry))
+            except (FileNotFoundError, manifest.InvalidManifest) as exc:
+                logger.warning("ignoring %s: incomplete (%s)", entry, exc)
+        return found
+
+    def all_ids(self) -> list[str]:
+        return [entry.name for kind in generation.KINDS if (self.root / kind).is_dir()
+                for entry in (self.root / kind).iterdir()]
+
+    def fresh_staging(self, kind: str) -> Path:
+        """Return an empty staging directory for `kind`, removing what a failed run left."""
+        path = self.staging(kind)
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+        return path
+
+    def discard_staging(self) -> None:
+        shutil.rmtree(self.root / ".staging", ignore_errors=True)
+
+    def publish(self, kind: str, gen: str) -> Path:
+        """Rename the staged generation of `kind` (its manifest already written) into place."""
+        staged = self.staging(kind)
+        manifest.read(staged)
+        target = self.generation_dir(kind, gen)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged.rename(target)
+        fsync_dir(target.parent)
+        return target

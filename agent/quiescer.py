@@ -1,0 +1,183 @@
+"""The app quiescer: stops (or pauses) the application's containers through the Docker API and
+starts them again.
+
+Before it stops anything it writes a record of what it is about to stop, so a run that was
+killed is repaired by the next one (`reconcile`). It restarts exactly the containers this run
+stopped, in reverse order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from agent.config import LabelSelector
+from agent.manifest import fsync_dir
+
+logger = logging.getLogger(__name__)
+
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+
+
+class DockerUnavailable(Exception):
+    pass
+
+
+class CommandFailed(Exception):
+    pass
+
+
+def connect(docker_host: str, stop_timeout: int) -> docker.DockerClient:
+    """Return a client for the engine at `docker_host`. Raise DockerUnavailable with the cause
+    and the fix when it cannot be reached."""
+    try:
+        client = docker.DockerClient(base_url=docker_host, timeout=max(60, stop_timeout + 30))
+        client.ping()
+    except (docker.errors.DockerException, OSError) as exc:
+        raise DockerUnavailable(
+            f"cannot reach the Docker engine at {docker_host} ({exc}); mount the Docker socket "
+            "into the agent's container or set DOCKER_HOST") from None
+    return client
+
+
+@dataclass(frozen=True)
+class Stopped:
+    id: str
+    name: str
+
+
+class Quiescer:
+    """Stops or pauses containers and remembers them, on disk first, then in memory."""
+
+    def __init__(self, client: docker.DockerClient, record_path: Path, mode: str,
+                 stop_timeout: int) -> None:
+        self.client = client
+        self.record_path = record_path
+        self.mode = mode
+        self.stop_timeout = stop_timeout
+        self.stopped: list[Stopped] = []
+
+    # -- selecting
+
+    def _filters(self, label: str, project: str) -> dict[str, object]:
+        labels = [label] + ([f"{COMPOSE_PROJECT_LABEL}={project}"] if project else [])
+        return {"label": labels, "status": "running"}
+
+    def select(self, selector: LabelSelector, project: str) -> list[Container]:
+        """Return the running containers with the stop label (in this compose project, if
+        given), in a stable order, never the agent's own container."""
+        own = _own_container_id()
+        found = self.client.containers.list(filters=self._filters(selector.docker_filter(), project))
+        return sorted((c for c in found if c.id != own), key=lambda c: c.name)
+
+    # -- commands before and after the stop
+
+    def run_label_commands(self, label: str, project: str) -> list[str]:
+        """Run, in every running container that has `label`, the label's value as a shell
+        command (`sh -c`). Return the names of the containers. Raise CommandFailed naming the
+        container, the exit code and the end of the output when one fails."""
+        done = []
+        containers = self.client.containers.list(filters=self._filters(label, project))
+        for container in sorted(containers, key=lambda c: c.name):
+            command = container.labels[label]
+            logger.info("running %s in %s: %s", label, container.name, command)
+            result = container.exec_run(["sh", "-c", command])
+            output = (result.output or b"").decode(errors="replace").strip()
+            if result.exit_code != 0:
+                raise CommandFailed(f"{label} in container {container.name} exited with "
+                                    f"{result.exit_code}: {output[-500:]}")
+            done.append(container.name)
+        return done
+
+    # -- stop and start
+
+    def quiesce(self, containers: list[Container]) -> None:
+        """Write the record of `containers`, then stop (or pause) them one by one. Whatever was
+        stopped before a failure is remembered, so `resume` starts it again."""
+        self._write_record([Stopped(c.id, c.name) for c in containers])
+        for container in containers:
+            self.stopped.append(Stopped(container.id, container.name))
+            if self.mode == "pause":
+                container.pause()
+            else:
+                container.stop(timeout=self.stop_timeout)
+            logger.info("%s container %s", "paused" if self.mode == "pause" else "stopped",
+                        container.name)
+
+    def resume(self) -> None:
+        """Start (or unpause) every container this run stopped, in reverse order, trying all of
+        them even if one fails. Remove the record once all are running.
+        Raise RuntimeError naming those that could not be started."""
+        failures = []
+        for entry in reversed(self.stopped):
+            try:
+                _start(self.client, entry)
+            except docker.errors.DockerException as exc:
+                failures.append(f"{entry.name}: {exc}")
+        if failures:
+            raise RuntimeError("could not start again: " + "; ".join(failures))
+        self.stopped = []
+        self.record_path.unlink(missing_ok=True)
+
+    def reconcile(self) -> list[str]:
+        """Start again every container in a record left by an earlier, killed run; remove the
+        record. Return their names. Raise RuntimeError if one cannot be started (the record is
+        kept for the next try)."""
+        try:
+            record = json.loads(self.record_path.read_text())
+        except FileNotFoundError:
+            return []
+        entries = [Stopped(e["id"], e["name"]) for e in record["containers"]]
+        logger.warning("an earlier run was interrupted with the application quiesced; "
+                       "starting %s again", ", ".join(e.name for e in entries) or "nothing")
+        self.stopped = entries
+        self.resume()
+        return [e.name for e in entries]
+
+    def _write_record(self, entries: list[Stopped]) -> None:
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.record_path.with_suffix(".tmp")
+        body = {"mode": self.mode, "containers": [e.__dict__ for e in entries]}
+        with open(tmp, "w") as handle:
+            json.dump(body, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.record_path)
+        fsync_dir(self.record_path.parent)
+
+
+def _start(client: docker.DockerClient, entry: Stopped) -> None:
+    try:
+        container = client.containers.get(entry.id)
+    except docker.errors.NotFound:
+        logger.warning("container %s no longer exists; nothing to start", entry.name)
+        return
+    status = container.status
+    if status == "paused":
+        container.unpause()
+    elif status != "running":
+        container.start()
+    else:
+        return
+    logger.info("started container %s again", entry.name)
+
+
+def _own_container_id() -> str | None:
+    """The id of the container this agent runs in, if any (from /proc/self/mountinfo)."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if "/containers/" in line and "/hostname" in line:
+            part = line.split("/containers/", 1)[1].split("/", 1)[0]
+            if len(part) == 64:
+                return part
+    return None

@@ -1,0 +1,224 @@
+"""Step 1, source backup: stop the application only for a fast local copy, then build the
+generations in the handover while it runs again.
+
+    reconcile → previous transport failed? → pre-commands → bulk pass (running)
+    → 1.a stop the application → final pass: 1.b data, 1.d logs → 1.c start the application
+    → post-commands → archive, log generation, manifests → hand over
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent import __version__, alerts, archive, generation, lock, manifest, mirror
+from agent.config import SourceConfig
+from agent.handover import Handover
+from agent.interrupts import InterruptGuard
+from agent.manifest import FileEntry, Manifest
+from agent.quiescer import Quiescer, connect
+from agent.steps import Job, StepFailed
+
+logger = logging.getLogger(__name__)
+
+JOB = "source backup"
+
+
+@dataclass
+class BackupResult:
+    generation: str
+    downtime_seconds: float
+    data_size: int
+    log_files: int
+    elapsed_seconds: float
+    durations: dict[str, float] = field(default_factory=dict)
+
+
+def backup(config: SourceConfig) -> BackupResult:
+    """Run step 1 once. Return what was handed over.
+    Raise lock.LockBusy if another job runs, StepFailed naming the failed step otherwise;
+    the application is running again in every case."""
+    handover = Handover(config.handover_dir)
+    with lock.exclusive(handover.lock_path), InterruptGuard() as guard:
+        try:
+            return _backup(config, handover, guard)
+        except StepFailed as failure:
+            if not failure.kept:
+                failure.kept = _kept(handover)
+            raise
+
+
+def _backup(config: SourceConfig, handover: Handover, guard: InterruptGuard) -> BackupResult:
+    job = Job(JOB)
+    with job.step("connect to the Docker engine"):
+        quiescer = Quiescer(connect(config.docker_host, config.stop_timeout),
+                            handover.quiesce_record, config.quiesce_mode, config.stop_timeout)
+    with job.step("reconcile: start containers an interrupted run left stopped"):
+        quiescer.reconcile()
+    with job.step("check for generations a failed transport left in the handover"):
+        _alert_previous_transport_failed(config, handover)
+    try:
+        result = _collect_and_hand_over(config, handover, guard, quiescer, job)
+    except BaseException:
+        with guard.shielded():
+            handover.discard_staging()
+        raise
+    logger.info("%s done: generation %s, downtime %.2f s, data archive %d bytes, %d log files, "
+                "%.2f s in all", JOB, result.generation, result.downtime_seconds,
+                result.data_size, result.log_files, result.elapsed_seconds)
+    return result
+
+
+def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: InterruptGuard,
+                           quiescer: Quiescer, job: Job) -> BackupResult:
+    handover.discard_staging()
+    data_staging = handover.fresh_staging("data")
+    logs_staging = handover.fresh_staging("logs") if config.log_paths else None
+    with job.step("pre-commands"):
+        quiescer.run_label_commands(config.pre_command_label, config.compose_project)
+    if config.collect_mode == "mirror":
+        with job.step("1.b collect application data (bulk pass, application running)"):
+            mirror.sync(config.data_paths, handover.mirror("data"))
+        if config.log_paths:
+            with job.step("1.d collect log data (bulk pass, application running)"):
+                mirror.sync(config.log_paths, handover.mirror("logs"))
+
+    with _application_stopped(config, quiescer, guard, job) as window:
+        if config.collect_mode == "mirror":
+            with job.step("1.b collect application data (final pass, application stopped)"):
+                mirror.sync(config.data_paths, handover.mirror("data"))
+            if config.log_paths:
+                with job.step("1.d collect log data (final pass, application stopped)"):
+                    mirror.sync(config.log_paths, handover.mirror("logs"))
+        else:
+            with job.step("1.b collect application data (archive, application stopped)"):
+                data_digest = _archive(config, Path("/"), data_staging)
+            if logs_staging is not None:
+                with job.step("1.d collect log data (copy, application stopped)"):
+                    _copy_logs(config.log_paths, Path("/"), logs_staging)
+    gen = generation.new_id(window.stopped_at, handover.all_ids())
+
+    post_failure: StepFailed | None = None
+    try:
+        with job.step("post-commands"):
+            quiescer.run_label_commands(config.post_command_label, config.compose_project)
+    except StepFailed as failure:
+        post_failure = failure
+
+    if config.collect_mode == "mirror":
+        with job.step("archive the data (application running)"):
+            data_digest = _archive(config, handover.mirror("data"), data_staging)
+        if logs_staging is not None:
+            with job.step("copy the logs into their generation (application running)"):
+                _copy_logs(config.log_paths, handover.mirror("logs"), logs_staging)
+
+    with job.step("hand over: write manifests and publish the generations"):
+        stamp = {"source_id": config.source_id, "generation": gen,
+                 "created_at": window.stopped_at.isoformat().replace("+00:00", "Z"),
+                 "downtime_seconds": round(window.downtime, 3), "agent_version": __version__}
+        manifest.write(data_staging, Manifest(
+            kind="data", files=(FileEntry(archive.ARCHIVE_NAME, data_digest.size,
+                                          data_digest.sha256),),
+            paths=tuple(str(p) for p in config.data_paths), **stamp))
+        log_entries: tuple[FileEntry, ...] = ()
+        if logs_staging is not None:
+            log_entries = tuple(_hash_tree(logs_staging))
+            manifest.write(logs_staging, Manifest(
+                kind="logs", files=log_entries, paths=tuple(str(p) for p in config.log_paths),
+                **stamp))
+        with guard.shielded():
+            handover.publish("data", gen)
+            if logs_staging is not None:
+                handover.publish("logs", gen)
+        handover.discard_staging()
+
+    if post_failure is not None:
+        raise StepFailed(post_failure.step, post_failure.error,
+                         kept=f"generation {gen} was collected and handed over all the same")
+    return BackupResult(gen, window.downtime, data_digest.size, len(log_entries), job.elapsed,
+                        job.durations)
+
+
+@dataclass
+class _Window:
+    stopped_at: datetime
+    downtime: float = 0.0
+
+
+@contextmanager
+def _application_stopped(config: SourceConfig, quiescer: Quiescer, guard: InterruptGuard,
+                         job: Job) -> Iterator[_Window]:
+    """1.a stop the application for the block; 1.c start it again whatever happens."""
+    window = _Window(datetime.now(UTC))
+    started = time.monotonic()
+    try:
+        with job.step("1.a stop the application"):
+            containers = quiescer.select(config.stop_label, config.compose_project)
+            if not containers:
+                logger.warning("no running container has the label %s; collecting without "
+                               "stopping anything", config.stop_label.docker_filter())
+            window.stopped_at = datetime.now(UTC)
+            quiescer.quiesce(containers)
+        yield window
+    finally:
+        with guard.shielded(), job.step("1.c start the application"):
+            quiescer.resume()
+        window.downtime = time.monotonic() - started
+        logger.info("application downtime: %.2f s", window.downtime)
+
+
+def _archive(config: SourceConfig, root: Path, staging: Path) -> archive.Digest:
+    members = [mirror.member_name(p) for p in config.data_paths]
+    return archive.create(root, members, staging / archive.ARCHIVE_NAME,
+                          config.zstd_level, config.zstd_threads)
+
+
+def _copy_logs(paths: tuple[Path, ...], root: Path, staging: Path) -> None:
+    """Copy each log path (below `root`) into the log generation's staging directory,
+    preserving metadata and using reflinks where the filesystem has them."""
+    for path in paths:
+        name = mirror.member_name(path)
+        target = staging / name
+        target.mkdir(parents=True, exist_ok=True)
+        process = subprocess.run(["cp", "--archive", "--reflink=auto", f"{root / name}/.",
+                                  f"{target}/"], capture_output=True, text=True, check=False)
+        if process.returncode != 0:
+            raise OSError(f"copy of {path} failed: {process.stderr.strip()[-500:]}")
+
+
+def _hash_tree(root: Path) -> list[FileEntry]:
+    entries = []
+    for path in archive.walk_files(root):
+        if path.parent == root and path.name == manifest.NAME:
+            continue
+        digest = archive.hash_file(path)
+        entries.append(FileEntry(str(path.relative_to(root)), digest.size, digest.sha256))
+    return entries
+
+
+def _waiting(handover: Handover) -> list[str]:
+    return [f"{m.kind}/{m.generation}" for kind in generation.KINDS
+            for m in handover.complete(kind)]
+
+
+def _alert_previous_transport_failed(config: SourceConfig, handover: Handover) -> None:
+    waiting = _waiting(handover)
+    if waiting:
+        alerts.send(config.mail, alerts.Alert(
+            source=config.source_id, job=JOB, step="previous transport failed",
+            error=f"{len(waiting)} complete generation(s) from earlier runs are still waiting in "
+                  f"the handover {handover.root}: {', '.join(waiting)}",
+            kept="all of them, untouched; the next transport takes them, oldest first"))
+
+
+def _kept(handover: Handover) -> str:
+    waiting = _waiting(handover)
+    return (f"no new generation was handed over (its staging copy was removed); "
+            f"generations waiting in the handover: {', '.join(waiting) or 'none'}; "
+            f"the mirror in {handover.root / '.mirror'} is kept for the next run")
