@@ -1,0 +1,181 @@
+"""Fixtures that start the real components: the Docker engine's containers and volumes, and an
+SMTP server (aiosmtpd). Tests that need Docker fail in CI when it is missing; locally they skip."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_IMAGE = os.environ.get("BASE_IMAGE", "backup-agent-base:bookworm")
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (in CI this is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means: no engine here
+        _unavailable(f"no Docker engine: {exc}")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client) -> str:
+    """The locally built Debian base image (no registry is reachable)."""
+    subprocess.run(["bash", str(ROOT / "tools" / "build-base-image.sh"), BASE_IMAGE], check=True,
+                   stdout=subprocess.DEVNULL)
+    return BASE_IMAGE
+
+
+# ---------------------------------------------------------------- mail
+
+
+@dataclass
+class MailBox:
+    host: str
+    port: int
+    messages: list[Message] = field(default_factory=list)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Message]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.messages
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[MailBox]:
+    from aiosmtpd.controller import Controller
+
+    box = MailBox("127.0.0.1", free_port())
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
+            box.messages.append(message_from_bytes(envelope.content))
+            return "250 OK"
+
+    controller = Controller(Handler(), hostname=box.host, port=box.port)
+    controller.start()
+    yield box
+    controller.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- the application
+
+
+# An application that writes data and logs and exits promptly on SIGTERM.
+APP_SCRIPT = """
+trap 'exit 0' TERM
+i=0
+while true; do
+  i=$((i+1))
+  echo "line $i $(date +%s.%N)" >> /logs/app.log
+  sleep 0.2 & wait $!
+done
+"""
+
+
+@dataclass
+class App:
+    container: object
+    data_dir: Path
+    logs_dir: Path
+    label: str
+
+    def reload(self) -> str:
+        self.container.reload()
+        return self.container.status
+
+    def started_at(self) -> str:
+        self.container.reload()
+        return self.container.attrs["State"]["StartedAt"]
+
+
+@pytest.fixture
+def make_app(docker_client, base_image):
+    """Return a factory for application containers with their own data and logs volumes and a
+    stop label of their own, so tests never stop each other's applications."""
+    made: list[tuple[object, list[object]]] = []
+
+    def factory(script: str = APP_SCRIPT, extra_labels: dict[str, str] | None = None,
+                stop_label: bool = True) -> App:
+        tag = uuid.uuid4().hex[:10]
+        label = f"backup.test-{tag}"
+        volumes = [docker_client.volumes.create(f"bt-{tag}-{kind}") for kind in ("data", "logs")]
+        labels = {label: "true"} if stop_label else {}
+        labels.update(extra_labels or {})
+        container = docker_client.containers.run(
+            base_image, ["bash", "-c", script], name=f"bt-app-{tag}", detach=True, labels=labels,
+            volumes={volumes[0].name: {"bind": "/data"}, volumes[1].name: {"bind": "/logs"}})
+        made.append((container, volumes))
+        data_dir, logs_dir = (Path(v.attrs["Mountpoint"]) for v in volumes)
+        return App(container, data_dir, logs_dir, label)
+
+    yield factory
+    for container, volumes in made:
+        container.remove(force=True)
+        for volume in volumes:
+            volume.remove(force=True)
+
+
+def agent_env(app: App, handover: Path, mail: MailBox | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a source agent backing up `app` into `handover`."""
+    env = {key: value for key, value in os.environ.items()
+           if key in ("PATH", "HOME", "LANG", "DOCKER_HOST", "PYTHONPATH")}
+    env.update(SOURCE_ID="test-source", DATA_PATHS=str(app.data_dir), LOG_PATHS=str(app.logs_dir),
+               HANDOVER_DIR=str(handover), STOP_LABEL=f"{app.label}=true", STOP_TIMEOUT="5")
+    if mail is not None:
+        env.update(SMTP_HOST=mail.host, SMTP_PORT=str(mail.port), SMTP_SECURITY="none",
+                   ALERT_TO="ops@example.org", ALERT_FROM="agent@example.org")
+    env.update(extra)
+    return env
+
+
+AGENT = [sys.executable, "-m", "agent"]
+
+
+def run_agent(env: dict[str, str], *args: str, timeout: float = 120,
+              **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AGENT, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kwargs)
+
+
+def start_agent(env: dict[str, str], *args: str, **kwargs: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([*AGENT, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(interval)

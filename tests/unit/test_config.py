@@ -1,0 +1,104 @@
+from pathlib import Path
+
+import pytest
+
+from agent import config
+from agent.config import ConfigError, parse_label_selector, parse_source, read_values
+
+ROOT = Path(__file__).resolve().parents[2]
+VALID = {"SOURCE_ID": "shop-db", "DATA_PATHS": "/srv/data, /srv/uploads", "LOG_PATHS": "/srv/log",
+         "HANDOVER_DIR": "/backup/handover"}
+
+
+def problems(values: dict[str, str]) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_source(values)
+    return caught.value.problems
+
+
+def test_valid_source_configuration_is_typed():
+    cfg = parse_source({**VALID, "QUIESCE_MODE": "pause", "STOP_TIMEOUT": "30"})
+    assert cfg.data_paths == (Path("/srv/data"), Path("/srv/uploads"))
+    assert cfg.quiesce_mode == "pause" and cfg.stop_timeout == 30
+    assert cfg.stop_label.docker_filter() == "backup.stop-during-backup=true"
+    assert cfg.mail.security == "starttls"
+
+
+def test_every_invalid_setting_is_reported_at_once():
+    found = problems({**VALID, "QUIESCE_MODE": "freeze", "STOP_TIMEOUT": "-1",
+                      "STOP_LABEL": "bad label", "DATA_PATHS": "relative/path",
+                      "COLLECT_MODE": "rsync"})
+    named = {p.split(":")[0] for p in found}
+    assert named == {"QUIESCE_MODE", "STOP_TIMEOUT", "STOP_LABEL", "DATA_PATHS", "COLLECT_MODE"}
+    assert any("stop, pause" in p for p in found)
+
+
+def test_required_settings_are_named():
+    named = {p.split(":")[0] for p in problems({})}
+    assert {"SOURCE_ID", "DATA_PATHS"} <= named
+
+
+@pytest.mark.parametrize("paths, handover", [
+    ("/srv/data,/srv/data/sub", "/backup"),
+    ("/srv/data", "/srv/data/handover"),
+    ("/srv", "/backup"),
+])
+def test_overlapping_paths_are_refused(paths, handover):
+    values = {**VALID, "DATA_PATHS": paths, "LOG_PATHS": "/srv/log", "HANDOVER_DIR": handover}
+    assert problems(values)
+
+
+def test_alert_recipients_are_required_with_a_mail_server():
+    assert any(p.startswith("ALERT_TO") for p in problems({**VALID, "SMTP_HOST": "mail"}))
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ("backup.stop", "backup.stop", None),
+    ("backup.stop-during-backup=true", "backup.stop-during-backup", "true"),
+    ("com.example/app=db", "com.example/app", "db"),
+])
+def test_label_selectors(text, key, value):
+    selector = parse_label_selector(text)
+    assert (selector.key, selector.value) == (key, value)
+
+
+@pytest.mark.parametrize("text", ["", "=x", "a b", "key=", "key=a b", "-key", "k=v=w"])
+def test_malformed_label_selectors_are_refused(text):
+    with pytest.raises(ValueError):
+        parse_label_selector(text)
+
+
+def test_file_secrets_replace_the_variable(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    assert read_values({"SMTP_PASSWORD_FILE": str(secret)})["SMTP_PASSWORD"] == "s3cret"
+
+
+def test_variable_and_file_both_set_is_an_error(tmp_path):
+    secret = tmp_path / "password"
+    secret.write_text("x")
+    with pytest.raises(ConfigError, match="SMTP_PASSWORD"):
+        read_values({"SMTP_PASSWORD": "a", "SMTP_PASSWORD_FILE": str(secret)})
+
+
+def test_missing_secret_file_is_an_error_not_an_empty_value(tmp_path):
+    with pytest.raises(ConfigError, match="SMTP_PASSWORD_FILE"):
+        read_values({"SMTP_PASSWORD_FILE": str(tmp_path / "missing")})
+
+
+def test_env_file_is_read_and_the_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("SOURCE_ID=from-file\nSTOP_TIMEOUT=20\n")
+    values = read_values({"SOURCE_ID": "from-env"}, env_file)
+    assert values == {"SOURCE_ID": "from-env", "STOP_TIMEOUT": "20"}
+
+
+def test_secrets_are_masked_in_the_effective_configuration():
+    rows = {name: shown for name, shown, _ in config.effective({"SMTP_PASSWORD": "hunter2"})}
+    assert rows["SMTP_PASSWORD"] == "***"
+
+
+def test_readme_settings_table_matches_the_declarations():
+    readme = (ROOT / "README.md").read_text()
+    assert config.markdown_table() in readme, (
+        "the README's settings table is out of date: paste `backup-agent config --markdown`")

@@ -1,0 +1,63 @@
+from datetime import UTC, datetime
+
+import pytest
+
+from agent import generation, manifest
+from agent.generation import InvalidGenerationId
+from agent.manifest import FileEntry, InvalidManifest, Manifest
+
+SHA = "a" * 64
+
+
+def test_ids_are_utc_timestamps_that_sort_as_text():
+    moment = datetime(2026, 11, 28, 2, 0, 0, 700_000, tzinfo=UTC)
+    assert generation.new_id(moment, []) == "2026-11-28T02-00-00Z"
+    assert generation.parse("2026-11-28T02-00-00Z") == moment.replace(microsecond=0)
+
+
+def test_a_second_run_in_the_same_second_gets_the_next_id():
+    moment = datetime(2026, 11, 28, 2, 0, 0, tzinfo=UTC)
+    existing = ["2026-11-28T02-00-00Z", "not-an-id"]
+    assert generation.new_id(moment, existing) == "2026-11-28T02-00-01Z"
+
+
+@pytest.mark.parametrize("text", ["../../etc", "2026-11-28T02-00-00Z/..", "2026-13-01T00-00-00Z",
+                                  "2026-11-28T02:00:00Z", "2026-11-28T02-00-00Z\n", "", "latest"])
+def test_malformed_ids_are_refused(text):
+    with pytest.raises(InvalidGenerationId):
+        generation.parse(text)
+
+
+def sample(**overrides) -> Manifest:
+    fields = dict(source_id="s", kind="data", generation="2026-11-28T02-00-00Z",
+                  created_at="2026-11-28T02:00:00Z", downtime_seconds=0.5, agent_version="0",
+                  files=(FileEntry("data.tar.zst", 10, SHA),), paths=("/srv/data",))
+    fields.update(overrides)
+    return Manifest(**fields)
+
+
+def test_manifest_round_trips_through_json():
+    original = sample(files=(FileEntry("var/log/bad-\udcff.log", 3, SHA),))
+    assert manifest.from_json(original.to_json()) == original
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../x", "a/../../x", "a//b", "", "a/./b",
+                                  "MANIFEST.json", "a\0b", "dir/"])
+def test_unsafe_paths_in_a_manifest_are_refused(path):
+    text = sample(files=(FileEntry(path, 1, SHA),)).to_json()
+    with pytest.raises(InvalidManifest):
+        manifest.from_json(text)
+
+
+@pytest.mark.parametrize("change", [
+    {"generation": "../../etc"}, {"kind": "secrets"}, {"files": (FileEntry("x", 1, "zz"),)},
+])
+def test_malformed_manifests_are_refused(change):
+    with pytest.raises(InvalidManifest):
+        manifest.from_json(sample(**change).to_json())
+
+
+def test_manifest_is_written_atomically_and_read_back(tmp_path):
+    manifest.write(tmp_path, sample())
+    assert manifest.read(tmp_path) == sample()
+    assert [p.name for p in tmp_path.iterdir()] == ["MANIFEST.json"]
