@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent import __version__, alerts, config, logsetup
-from agent.interrupts import Interrupted
+from agent import __version__, alerts, config, lock, logsetup
+from agent.interrupts import InterruptGuard, Interrupted
 from agent.lock import LockBusy
 from agent.steps import StepFailed
 
@@ -44,7 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     source = commands.add_parser("source", help="jobs of the source agent")
     source_jobs = source.add_subparsers(dest="job", required=True)
     source_jobs.add_parser("backup", help="step 1: stop the application, collect its data and "
-                           "logs into the handover, start it again").set_defaults(run=_source_backup)
+                           "logs into the handover, start it again").set_defaults(run=_source_jobs,
+                                                                                  jobs=("backup",))
+    source_jobs.add_parser("push", help="step 2 (push): upload waiting generations to S3, "
+                           "verify, rotate, move to the source store").set_defaults(
+                               run=_source_jobs, jobs=("push",))
+    source_jobs.add_parser("run", help="backup, then push (one cron line for push "
+                           "sites)").set_defaults(run=_source_jobs, jobs=("backup", "push"))
     return parser
 
 
@@ -73,23 +79,39 @@ def _show_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _source_backup(args: argparse.Namespace) -> int:
-    from agent import source_backup
+def _source_jobs(args: argparse.Namespace) -> int:
+    """Run the source jobs named in `args.jobs` one after another, under one lock: a push
+    also runs when the backup before it failed, so what waits still travels."""
+    from agent import push, source_backup
+    from agent.handover import Handover
+    from agent.stores.s3 import S3Store
 
-    settings = config.parse_source(_values(args))
+    settings = config.parse_source(_values(args), push="push" in args.jobs)
     config.check_paths(settings)
     logsetup.configure(settings.log_level, settings.log_format)
-    return _run_job(source_backup.JOB, settings.source_id, settings.mail,
-                    lambda: source_backup.backup(settings))
+    bodies: dict[str, tuple[str, Callable[[InterruptGuard], object]]] = {
+        "backup": (source_backup.JOB, lambda guard: source_backup.backup(settings, guard)),
+        "push": (push.JOB, lambda guard: push.push(settings, S3Store(settings.s3,
+                                                                     settings.source_id), guard)),
+    }
+    try:
+        with lock.exclusive(Handover(settings.handover_dir).lock_path), InterruptGuard() as guard:
+            codes = []
+            for name in args.jobs:
+                codes.append(_run_job(*bodies[name], settings.source_id, settings.mail, guard))
+                if codes[-1] > EXIT_BUSY:
+                    break
+    except LockBusy as exc:
+        logging.getLogger("agent").error("%s", exc)
+        return EXIT_BUSY
+    return max(codes)
 
 
-def _run_job(job: str, source: str, mail: config.MailConfig, body: Callable[[], object]) -> int:
+def _run_job(job: str, body: Callable[[InterruptGuard], object], source: str,
+             mail: config.MailConfig, guard: InterruptGuard) -> int:
     """Run a job's body and turn its outcome into an exit code, alerting on every failure."""
     try:
-        body()
-    except LockBusy as exc:
-        logger.error("%s", exc)
-        return EXIT_BUSY
+        body(guard)
     except StepFailed as failure:
         cause = failure.__context__ if isinstance(failure.__context__, StepFailed) else None
         error = failure.error + (f" (while handling: {cause})" if cause else "")
@@ -99,7 +121,7 @@ def _run_job(job: str, source: str, mail: config.MailConfig, body: Callable[[], 
         return EXIT_FAILED
     except Interrupted as exc:
         alerts.send(mail, alerts.Alert(source, job, "interrupted", str(exc),
-                                       "the application was started again; no new generation"))
+                                       "everything as it was; the next run takes it up again"))
         return 128 + exc.signum
     except Exception as exc:
         logger.exception("%s failed unexpectedly", job)

@@ -17,6 +17,9 @@ from typing import TypeVar
 
 from dotenv import dotenv_values
 
+from agent.retention import Policy
+from agent.stores.s3 import S3Settings
+
 T = TypeVar("T")
 
 SOURCE = "source"
@@ -71,6 +74,44 @@ SETTINGS: tuple[Setting, ...] = (
             "command run inside that container after the application is started again.", (SOURCE,)),
     Setting("ZSTD_LEVEL", "3", "zstd compression level of data archives, 1-19.", (SOURCE,)),
     Setting("ZSTD_THREADS", "0", "zstd worker threads; 0 uses every core.", (SOURCE,)),
+    Setting("SOURCE_STORE_DIR", "/backup/store", "The source store: data generations kept on the "
+            "source after a verified transport (`<dir>/data/<generation>/`).", (SOURCE,)),
+    Setting("SOURCE_KEEP_LAST", "3", "Source store retention: the newest N generations (>= 1).",
+            (SOURCE,)),
+    Setting("SOURCE_KEEP_DAILY", "0", "Source store retention: the newest generation of each "
+            "of the last N days that have one.", (SOURCE,)),
+    Setting("SOURCE_KEEP_WEEKLY", "0", "Source store retention: the same per ISO week.", (SOURCE,)),
+    Setting("SOURCE_KEEP_MONTHLY", "0", "Source store retention: the same per month.", (SOURCE,)),
+    # --- push transport (source) ---
+    Setting("S3_ENDPOINT_URL", "", "S3 endpoint, e.g. `https://minio.example:9000`; empty: AWS.",
+            (SOURCE,)),
+    Setting("S3_REGION", "us-east-1", "S3 region.", (SOURCE,)),
+    Setting("S3_BUCKET", "", "Bucket of the sink store; required to push.", (SOURCE,)),
+    Setting("S3_PREFIX", "backups", "Key prefix: generations go to "
+            "`<prefix>/<source-id>/{data,logs}/<generation>/`.", (SOURCE,)),
+    Setting("AWS_ACCESS_KEY_ID", "", "S3 access key of this source's identity; empty: boto3's "
+            "default chain (instance or pod role).", (SOURCE,)),
+    Setting("AWS_SECRET_ACCESS_KEY", "", "S3 secret key.", (SOURCE,), secret=True),
+    Setting("AWS_SESSION_TOKEN", "", "S3 session token, for temporary credentials.", (SOURCE,),
+            secret=True),
+    Setting("S3_ADDRESSING_STYLE", "path", "`path` (MinIO, SeaweedFS, Ceph), `virtual` or "
+            "`auto`.", (SOURCE,)),
+    Setting("S3_CA_BUNDLE", "", "A CA bundle file to trust for the S3 endpoint's TLS.", (SOURCE,)),
+    Setting("S3_PART_SIZE_MB", "16", "Multipart part size in MiB, 5-5120.", (SOURCE,)),
+    Setting("S3_CONCURRENCY", "4", "Parts uploaded at once, 1-64.", (SOURCE,)),
+    Setting("S3_RETRY_SECONDS", "300", "How long a failing S3 call is retried (exponential "
+            "backoff with jitter) before the push gives up.", (SOURCE,)),
+    Setting("VERIFY", "checksum", "How a pushed generation is verified before anything is moved "
+            "or rotated: `checksum` (the store's SHA-256, or a read-back where it has none), "
+            "`download` (read back and hash), `off`.", (SOURCE,)),
+    Setting("PUSH_LOGS", "false", "`true`: push log generations too (sites without a sink agent).",
+            (SOURCE,)),
+    # --- retention of the sink store (push: rotated by the source; pull: by the sink) ---
+    Setting("SINK_KEEP_LAST", "7", "Sink store retention: the newest N generations (>= 1)."),
+    Setting("SINK_KEEP_DAILY", "7", "Sink store retention: the newest generation of each of the "
+            "last N days that have one."),
+    Setting("SINK_KEEP_WEEKLY", "4", "Sink store retention: the same per ISO week."),
+    Setting("SINK_KEEP_MONTHLY", "6", "Sink store retention: the same per month."),
     Setting("DOCKER_HOST", "unix:///var/run/docker.sock", "The Docker Engine API the agent talks to "
             "(the mounted socket, or a socket proxy such as `tcp://docker-proxy:2375`).", (SOURCE,)),
     # --- alerts and logging (every role) ---
@@ -132,6 +173,12 @@ class SourceConfig:
     zstd_threads: int
     docker_host: str
     mail: MailConfig
+    source_store_dir: Path
+    source_keep: Policy
+    sink_keep: Policy
+    s3: S3Settings
+    verify: str
+    push_logs: bool
     log_level: str = "INFO"
     log_format: str = "plain"
     all_paths: tuple[Path, ...] = field(init=False)
@@ -250,6 +297,18 @@ class _Parser:
             return value
         return self._check(env, convert, allowed, "")
 
+    def boolean(self, env: str) -> bool:
+        def convert(value: str) -> bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return value.lower() in ("true", "1", "yes")
+        return self._check(env, convert, "use true or false", False)
+
+    def policy(self, prefix: str) -> Policy:
+        return Policy(last=self.integer(f"{prefix}_LAST", 1), daily=self.integer(f"{prefix}_DAILY", 0),
+                      weekly=self.integer(f"{prefix}_WEEKLY", 0),
+                      monthly=self.integer(f"{prefix}_MONTHLY", 0))
+
     def emails(self, env: str) -> tuple[str, ...]:
         def convert(value: str) -> tuple[str, ...]:
             items = tuple(item.strip() for item in value.split(",") if item.strip())
@@ -284,13 +343,36 @@ def _parse_mail(p: _Parser) -> MailConfig:
     )
 
 
+def _parse_s3(p: _Parser, push: bool) -> S3Settings:
+    bucket = p.pattern("S3_BUCKET", re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"),
+                       "use an S3 bucket name (3-63 lowercase letters, digits, `.`, `-`)")
+    if push and not bucket:
+        p.problems.append("S3_BUCKET: required to push; name the bucket of the sink store")
+    return S3Settings(
+        endpoint_url=p.pattern("S3_ENDPOINT_URL", re.compile(r"^https?://[^\s/]+(/\S*)?$"),
+                               "use http(s)://host[:port]"),
+        region=p.pattern("S3_REGION", re.compile(r"^[a-z0-9-]+$"), "use a region such as us-east-1"),
+        bucket=bucket,
+        prefix=p.pattern("S3_PREFIX", re.compile(r"^[A-Za-z0-9._/-]*$"),
+                         "use letters, digits, `.`, `_`, `-` and `/`"),
+        access_key_id=p.raw("AWS_ACCESS_KEY_ID"),
+        secret_access_key=p.raw("AWS_SECRET_ACCESS_KEY"),
+        session_token=p.raw("AWS_SESSION_TOKEN"),
+        addressing_style=p.choice("S3_ADDRESSING_STYLE", ("path", "virtual", "auto")),
+        ca_bundle=p.raw("S3_CA_BUNDLE"),
+        part_size=p.integer("S3_PART_SIZE_MB", 5, 5120) << 20,
+        concurrency=p.integer("S3_CONCURRENCY", 1, 64),
+        retry_seconds=p.integer("S3_RETRY_SECONDS", 0, 86400),
+    )
+
+
 def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
 
-def parse_source(values: Mapping[str, str]) -> SourceConfig:
-    """Given raw setting values, return the source agent's configuration.
-    Raise ConfigError listing every invalid setting."""
+def parse_source(values: Mapping[str, str], push: bool = False) -> SourceConfig:
+    """Given raw setting values, return the source agent's configuration; `push` also requires
+    the settings of the push transport. Raise ConfigError listing every invalid setting."""
     p = _Parser(values)
     config = SourceConfig(
         source_id=p.pattern("SOURCE_ID", SOURCE_ID_RE,
@@ -311,6 +393,12 @@ def parse_source(values: Mapping[str, str]) -> SourceConfig:
         docker_host=p.pattern("DOCKER_HOST", re.compile(r"^(unix|tcp|ssh|npipe)://\S+$"),
                               "use unix:///path, tcp://host:port or ssh://user@host"),
         mail=_parse_mail(p),
+        source_store_dir=p.path("SOURCE_STORE_DIR"),
+        source_keep=p.policy("SOURCE_KEEP"),
+        sink_keep=p.policy("SINK_KEEP"),
+        s3=_parse_s3(p, push),
+        verify=p.choice("VERIFY", ("checksum", "download", "off")),
+        push_logs=p.boolean("PUSH_LOGS"),
         log_level=p.choice("LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
         log_format=p.choice("LOG_FORMAT", ("plain", "json")),
     )
@@ -320,9 +408,11 @@ def parse_source(values: Mapping[str, str]) -> SourceConfig:
             if _overlaps(a, b):
                 p.problems.append(f"DATA_PATHS/LOG_PATHS: {a} and {b} overlap; "
                                   "list each directory once and none inside another")
-        if _overlaps(a, config.handover_dir):
-            p.problems.append(f"HANDOVER_DIR: {config.handover_dir} overlaps the backed-up path {a}; "
-                              "put the handover outside the data and log paths")
+        for env, directory in (("HANDOVER_DIR", config.handover_dir),
+                               ("SOURCE_STORE_DIR", config.source_store_dir)):
+            if _overlaps(a, directory):
+                p.problems.append(f"{env}: {directory} overlaps the backed-up path {a}; "
+                                  "put it outside the data and log paths")
     if p.problems:
         raise ConfigError(p.problems)
     return config
@@ -343,13 +433,18 @@ def check_paths(config: SourceConfig) -> None:
             elif not os.access(path, os.R_OK | os.X_OK):
                 problems.append(f"{env}: {path} is not readable by this agent; run it as a user "
                                 "that can read the application's files")
-    try:
-        config.handover_dir.mkdir(parents=True, exist_ok=True)
-        if not os.access(config.handover_dir, os.W_OK | os.X_OK):
-            raise PermissionError(13, "Permission denied")
-    except OSError as exc:
-        problems.append(f"HANDOVER_DIR: {config.handover_dir} is not a writable directory "
-                        f"({exc.strerror}); mount a writable volume there")
+    for env, directory in (("HANDOVER_DIR", config.handover_dir),
+                           ("SOURCE_STORE_DIR", config.source_store_dir)):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as exc:
+            problems.append(f"{env}: {directory} is not a writable directory "
+                            f"({exc.strerror}); mount a writable volume there")
+    if config.s3.ca_bundle and not os.access(config.s3.ca_bundle, os.R_OK):
+        problems.append(f"S3_CA_BUNDLE: {config.s3.ca_bundle} is not a readable file; "
+                        "point it at the CA bundle (PEM) of the S3 endpoint")
     if problems:
         raise ConfigError(problems)
 

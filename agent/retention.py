@@ -47,12 +47,15 @@ def _bucket_keep(ordered: list[tuple[str, datetime]], count: int,
     return kept
 
 
-def plan(complete: Iterable[str], policy: Policy) -> Plan:
+def plan(complete: Iterable[str], policy: Policy, protect: str | None = None) -> Plan:
     """Given the ids of a store's complete generations, return which to keep and which to
-    remove (both newest first). Raise InvalidGenerationId for a malformed id."""
+    remove (both newest first); `protect` (the generation just verified) is always kept.
+    Raise InvalidGenerationId for a malformed id."""
     ordered = sorted(((g, generation.parse(g)) for g in set(complete)), key=lambda x: x[1],
                      reverse=True)
     keep = {g for g, _ in ordered[:max(policy.last, 1)]}
+    if protect is not None:
+        keep.add(protect)
     keep |= _bucket_keep(ordered, policy.daily, lambda m: m.date())
     keep |= _bucket_keep(ordered, policy.weekly, lambda m: m.isocalendar()[:2])
     keep |= _bucket_keep(ordered, policy.monthly, lambda m: (m.year, m.month))

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent import __version__, alerts, archive, generation, lock, manifest, mirror
+from agent import __version__, alerts, archive, generation, manifest, mirror
 from agent.config import SourceConfig
 from agent.handover import Handover
 from agent.interrupts import InterruptGuard
 from agent.manifest import FileEntry, Manifest
 from agent.quiescer import Quiescer, connect
+from agent.stores.local import LocalStore
 from agent.steps import Job, StepFailed
 
 logger = logging.getLogger(__name__)
@@ -40,18 +41,16 @@ class BackupResult:
     durations: dict[str, float] = field(default_factory=dict)
 
 
-def backup(config: SourceConfig) -> BackupResult:
-    """Run step 1 once. Return what was handed over.
-    Raise lock.LockBusy if another job runs, StepFailed naming the failed step otherwise;
-    the application is running again in every case."""
+def backup(config: SourceConfig, guard: InterruptGuard) -> BackupResult:
+    """Run step 1 once; the caller holds the agent's lock. Return what was handed over.
+    Raise StepFailed naming the failed step; the application is running again in every case."""
     handover = Handover(config.handover_dir)
-    with lock.exclusive(handover.lock_path), InterruptGuard() as guard:
-        try:
-            return _backup(config, handover, guard)
-        except StepFailed as failure:
-            if not failure.kept:
-                failure.kept = _kept(handover)
-            raise
+    try:
+        return _backup(config, handover, guard)
+    except StepFailed as failure:
+        if not failure.kept:
+            failure.kept = _kept(handover)
+        raise
 
 
 def _backup(config: SourceConfig, handover: Handover, guard: InterruptGuard) -> BackupResult:
@@ -102,7 +101,8 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
             if logs_staging is not None:
                 with job.step("1.d collect log data (copy, application stopped)"):
                     _copy_logs(config.log_paths, Path("/"), logs_staging)
-    gen = generation.new_id(window.stopped_at, handover.all_ids())
+    gen = generation.new_id(window.stopped_at, handover.all_ids()
+                            + LocalStore(config.source_store_dir).all_ids())
 
     post_failure: StepFailed | None = None
     try:

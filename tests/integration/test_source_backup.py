@@ -136,7 +136,7 @@ def test_a_generation_left_in_the_handover_is_alerted_and_kept(make_app, tmp_pat
     assert result.returncode == 0, result.stderr
     [mail] = smtp_server.wait_for(1)
     assert "previous transport failed" in mail["Subject"]
-    assert f"data/{first}" in mail.get_payload()
+    assert f"data/{first}" in mail.get_content()
     generations = sorted(p.name for p in (tmp_path / "handover" / "data").iterdir())
     assert len(generations) == 2 and generations[0] == first
 

@@ -1,0 +1,31 @@
+"""Stores that keep generations: a local directory (the source store, a pull-mode sink store)
+and S3 (the push-mode sink store)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from agent import retention
+
+logger = logging.getLogger(__name__)
+
+
+class Store(Protocol):
+    def generations(self, kind: str) -> tuple[list[str], list[str]]: ...
+
+    def delete_generation(self, kind: str, gen: str) -> None: ...
+
+
+def rotate(store: Store, kind: str, policy: retention.Policy, newest_verified: str) -> list[str]:
+    """Apply `policy` to the complete generations of `kind` in `store`, never removing
+    `newest_verified`, and remove incomplete generations older than it (abandoned uploads).
+    Call only after `newest_verified` was verified. Return the removed ids."""
+    complete, incomplete = store.generations(kind)
+    removed = retention.plan(complete, policy, protect=newest_verified).remove
+    removed += retention.abandoned(incomplete, newest_verified)
+    for gen in removed:
+        store.delete_generation(kind, gen)
+    if removed:
+        logger.info("removed %s generations: %s", kind, ", ".join(removed))
+    return removed
