@@ -8,6 +8,7 @@ import smtplib
 import socket
 import ssl
 from dataclasses import dataclass
+from email import policy
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
@@ -47,7 +48,7 @@ def send(mail: MailConfig, alert: Alert) -> bool:
     if not mail.host:
         logger.warning("alert not mailed: SMTP_HOST is not set")
         return False
-    message = EmailMessage()
+    message = EmailMessage(policy=policy.SMTP.clone(max_line_length=998))
     message["Subject"] = alert.subject
     message["From"] = mail.sender or f"backup-agent@{socket.gethostname()}"
     message["To"] = ", ".join(mail.recipients)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import docker
 import docker.errors
+import requests.exceptions
 from docker.models.containers import Container
 
 from agent.config import LabelSelector
@@ -63,6 +65,7 @@ class Quiescer:
         self.mode = mode
         self.stop_timeout = stop_timeout
         self.stopped: list[Stopped] = []
+        self._settle_until = 0.0
 
     # -- selecting
 
@@ -98,53 +101,68 @@ class Quiescer:
 
     # -- stop and start
 
+    @property
+    def _stop_grace(self) -> float:
+        """How long the engine may still be stopping a container after it was asked to."""
+        return self.stop_timeout + 5.0
+
     def quiesce(self, containers: list[Container]) -> None:
         """Write the record of `containers`, then stop (or pause) them one by one. Whatever was
         stopped before a failure is remembered, so `resume` starts it again."""
         self._write_record([Stopped(c.id, c.name) for c in containers])
         for container in containers:
             self.stopped.append(Stopped(container.id, container.name))
+            self._settle_until = time.time() + self._stop_grace
             if self.mode == "pause":
                 container.pause()
             else:
                 container.stop(timeout=self.stop_timeout)
+            self._settle_until = 0.0
             logger.info("%s container %s", "paused" if self.mode == "pause" else "stopped",
                         container.name)
 
     def resume(self) -> None:
         """Start (or unpause) every container this run stopped, in reverse order, trying all of
-        them even if one fails. Remove the record once all are running.
-        Raise RuntimeError naming those that could not be started."""
+        them even if one fails. A container whose stop was interrupted is still being stopped
+        by the engine: wait for that to finish, then start it. Remove the record once all are
+        running. Raise RuntimeError naming those that could not be started."""
         failures = []
         for entry in reversed(self.stopped):
             try:
-                _start(self.client, entry)
+                _start(self.client, entry, self._settle_until)
             except docker.errors.DockerException as exc:
                 failures.append(f"{entry.name}: {exc}")
         if failures:
             raise RuntimeError("could not start again: " + "; ".join(failures))
         self.stopped = []
+        self._settle_until = 0.0
         self.record_path.unlink(missing_ok=True)
 
     def reconcile(self) -> list[str]:
         """Start again every container in a record left by an earlier, killed run; remove the
-        record. Return their names. Raise RuntimeError if one cannot be started (the record is
-        kept for the next try)."""
+        record. Return their names. The engine may still be finishing a stop the killed run
+        asked for, so containers still running are watched until the record is older than the
+        stops could take. Raise RuntimeError if one cannot be started (the record is kept for
+        the next try)."""
         try:
             record = json.loads(self.record_path.read_text())
+            written = self.record_path.stat().st_mtime
         except FileNotFoundError:
             return []
         entries = [Stopped(e["id"], e["name"]) for e in record["containers"]]
         logger.warning("an earlier run was interrupted with the application quiesced; "
                        "starting %s again", ", ".join(e.name for e in entries) or "nothing")
         self.stopped = entries
+        grace = max(self._stop_grace, record.get("stop_timeout", 0) + 5.0)
+        self._settle_until = written + len(entries) * grace
         self.resume()
         return [e.name for e in entries]
 
     def _write_record(self, entries: list[Stopped]) -> None:
         self.record_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.record_path.with_suffix(".tmp")
-        body = {"mode": self.mode, "containers": [e.__dict__ for e in entries]}
+        body = {"mode": self.mode, "stop_timeout": self.stop_timeout,
+                "containers": [e.__dict__ for e in entries]}
         with open(tmp, "w") as handle:
             json.dump(body, handle)
             handle.flush()
@@ -153,9 +171,18 @@ class Quiescer:
         fsync_dir(self.record_path.parent)
 
 
-def _start(client: docker.DockerClient, entry: Stopped) -> None:
+def _start(client: docker.DockerClient, entry: Stopped, settle_until: float) -> None:
+    """Start (or unpause) the container unless it runs. Until `settle_until` (epoch seconds) a
+    running container may be one the engine is still stopping: wait for it to stop first."""
     try:
         container = client.containers.get(entry.id)
+        remaining = settle_until - time.time()
+        if container.status == "running" and remaining > 0:
+            try:
+                client.api.wait(entry.id, timeout=remaining, condition="not-running")
+            except requests.exceptions.RequestException:
+                pass
+            container.reload()
     except docker.errors.NotFound:
         logger.warning("container %s no longer exists; nothing to start", entry.name)
         return
