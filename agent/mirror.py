@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,32 +43,49 @@ def member_name(path: Path) -> str:
     return str(path).lstrip("/")
 
 
-def sync(paths: Sequence[Path], mirror: Path) -> SyncStats:
-    """Bring `mirror` up to date with `paths` (each lands at `mirror/<member_name>`). When the
-    set of paths differs from the mirror's last one, the mirror is rebuilt from scratch, so a
-    path removed from the configuration leaves nothing behind. Return what was copied.
-    Raise MirrorError with rsync's message on failure."""
-    _reset_if_paths_changed(paths, mirror)
+def sync(mirrors: Mapping[Path, Sequence[Path]]) -> SyncStats:
+    """Bring each mirror up to date with its source paths (each lands at
+    `mirror/<member_name>`), all paths at once. A path the mirror does not hold yet is copied
+    with `cp -a --reflink=auto`, which is faster than rsync for a first copy and keeps the
+    nanosecond mtimes the next pass compares; afterwards rsync copies only what changed. When
+    a mirror's set of paths differs from its last one, it is rebuilt from scratch, so a path
+    removed from the configuration leaves nothing behind. Return what rsync copied.
+    Raise MirrorError with the tool's message on failure."""
+    commands: list[list[str]] = []
+    for mirror, paths in mirrors.items():
+        _reset_if_paths_changed(paths, mirror)
+        for path in paths:
+            target = mirror / member_name(path)
+            if target.exists():
+                commands.append(["rsync", *RSYNC_OPTIONS, f"{path}/", f"{target}/"])
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                commands.append(["cp", "--archive", "--reflink=auto", "--", str(path),
+                                 str(target)])
+    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  errors="replace") for c in commands]
     total = SyncStats()
-    for path in paths:
-        target = mirror / member_name(path)
-        target.mkdir(parents=True, exist_ok=True)
-        stats = rsync(f"{path}/", f"{target}/")
-        total.files_transferred += stats.files_transferred
-        total.bytes_transferred += stats.bytes_transferred
+    try:
+        failures = []
+        for command, process in zip(commands, processes, strict=True):
+            stdout, stderr = process.communicate()
+            if process.returncode == _VANISHED and command[0] == "rsync":
+                logger.warning("some files vanished during the copy of %s", command[-2])
+            elif process.returncode != 0:
+                message = " ".join(stderr.strip().splitlines()[-3:])
+                failures.append(f"{command[0]} of {command[-2]} failed "
+                                f"(exit {process.returncode}): {message}")
+            stats = _parse_stats(stdout)
+            total.files_transferred += stats.files_transferred
+            total.bytes_transferred += stats.bytes_transferred
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    if failures:
+        raise MirrorError("; ".join(failures))
     return total
-
-
-def rsync(source: str, target: str, extra: Sequence[str] = ()) -> SyncStats:
-    """Run one local rsync of `source` into `target`; return its statistics."""
-    process = subprocess.run(["rsync", *RSYNC_OPTIONS, *extra, source, target],
-                             capture_output=True, text=True, errors="replace", check=False)
-    if process.returncode == _VANISHED:
-        logger.warning("some files vanished during the copy of %s", source)
-    elif process.returncode != 0:
-        message = " ".join(process.stderr.strip().splitlines()[-3:])
-        raise MirrorError(f"rsync of {source} failed (exit {process.returncode}): {message}")
-    return _parse_stats(process.stdout)
 
 
 def _parse_stats(output: str) -> SyncStats:

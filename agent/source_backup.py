@@ -81,20 +81,19 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
     logs_staging = handover.fresh_staging("logs") if config.log_paths else None
     with job.step("pre-commands"):
         quiescer.run_label_commands(config.pre_command_label, config.compose_project)
+    mirrors = {handover.mirror("data"): config.data_paths}
+    if config.log_paths:
+        mirrors[handover.mirror("logs")] = config.log_paths
     if config.collect_mode == "mirror":
-        with job.step("1.b collect application data (bulk pass, application running)"):
-            mirror.sync(config.data_paths, handover.mirror("data"))
-        if config.log_paths:
-            with job.step("1.d collect log data (bulk pass, application running)"):
-                mirror.sync(config.log_paths, handover.mirror("logs"))
+        with job.step("1.b collect application data, 1.d collect log data "
+                      "(bulk pass, application running)"):
+            mirror.sync(mirrors)
 
     with _application_stopped(config, quiescer, guard, job) as window:
         if config.collect_mode == "mirror":
-            with job.step("1.b collect application data (final pass, application stopped)"):
-                mirror.sync(config.data_paths, handover.mirror("data"))
-            if config.log_paths:
-                with job.step("1.d collect log data (final pass, application stopped)"):
-                    mirror.sync(config.log_paths, handover.mirror("logs"))
+            with job.step("1.b collect application data, 1.d collect log data "
+                          "(final pass, application stopped)"):
+                mirror.sync(mirrors)
         else:
             with job.step("1.b collect application data (archive, application stopped)"):
                 data_digest = _archive(config, Path("/"), data_staging)

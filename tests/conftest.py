@@ -210,6 +210,12 @@ class S3Server:
                             aws_secret_access_key=secret, region_name="us-east-1")
 
     def start(self) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", 8333)) == 0:
+                raise RuntimeError("port 8333 is taken: another SeaweedFS (or S3 server) runs; "
+                                   "stop it first")
         config = self.directory / "s3.json"
         config.write_text(json.dumps({"identities": [
             {"name": name, "credentials": [{"accessKey": key, "secretKey": secret}],

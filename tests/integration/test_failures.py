@@ -24,8 +24,10 @@ from tests.conftest import (AGENT, ROOT, App, MailBox, agent_env, run_agent, sta
 
 pytestmark = pytest.mark.docker
 
-STEP_BULK = "1.b collect application data (bulk pass, application running)"
-STEP_FINAL = "1.b collect application data (final pass, application stopped)"
+STEP_BULK = ("1.b collect application data, 1.d collect log data "
+             "(bulk pass, application running)")
+STEP_FINAL = ("1.b collect application data, 1.d collect log data "
+              "(final pass, application stopped)")
 STEP_ARCHIVE = "1.b collect application data (archive, application stopped)"
 STEP_FOR_MODE = {"mirror": STEP_FINAL, "direct": STEP_ARCHIVE}
 
