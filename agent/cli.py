@@ -51,6 +51,16 @@ def _parser() -> argparse.ArgumentParser:
                                run=_source_jobs, jobs=("push",))
     source_jobs.add_parser("run", help="backup, then push (one cron line for push "
                            "sites)").set_defaults(run=_source_jobs, jobs=("backup", "push"))
+    commands.add_parser("gateway", help="the forced command of the source's sshd: serves "
+                        "SSH_ORIGINAL_COMMAND (list, ack, read-only rsync)").set_defaults(
+                            run=_gateway)
+
+    sink = commands.add_parser("sink", help="jobs of the sink agent")
+    sink_jobs = sink.add_subparsers(dest="job", required=True)
+    sink_jobs.add_parser("pull-data", help="step 2 (pull): fetch, verify, store, rotate, "
+                         "acknowledge data generations").set_defaults(run=_sink_pull, kind="data")
+    sink_jobs.add_parser("pull-logs", help="step 3: the same for log generations").set_defaults(
+        run=_sink_pull, kind="logs")
     return parser
 
 
@@ -94,17 +104,27 @@ def _source_jobs(args: argparse.Namespace) -> int:
         "push": (push.JOB, lambda guard: push.push(settings, S3Store(settings.s3,
                                                                      settings.source_id), guard)),
     }
+
+    def run_all(guard: InterruptGuard) -> int:
+        codes = []
+        for name in args.jobs:
+            codes.append(_run_job(*bodies[name], settings.source_id, settings.mail, guard))
+            if codes[-1] > EXIT_BUSY:
+                break
+        return max(codes)
+
+    return _exclusive(Handover(settings.handover_dir).lock_path, run_all)
+
+
+def _exclusive(lock_path: Path, run: Callable[[InterruptGuard], int]) -> int:
+    """Run while holding the agent's lock, with SIGTERM/SIGINT turned into exceptions; a run
+    that finds the lock taken is skipped with exit code 3."""
     try:
-        with lock.exclusive(Handover(settings.handover_dir).lock_path), InterruptGuard() as guard:
-            codes = []
-            for name in args.jobs:
-                codes.append(_run_job(*bodies[name], settings.source_id, settings.mail, guard))
-                if codes[-1] > EXIT_BUSY:
-                    break
+        with lock.exclusive(lock_path), InterruptGuard() as guard:
+            return run(guard)
     except LockBusy as exc:
-        logging.getLogger("agent").error("%s", exc)
+        logger.error("%s", exc)
         return EXIT_BUSY
-    return max(codes)
 
 
 def _run_job(job: str, body: Callable[[InterruptGuard], object], source: str,
@@ -115,7 +135,8 @@ def _run_job(job: str, body: Callable[[InterruptGuard], object], source: str,
     except StepFailed as failure:
         cause = failure.__context__ if isinstance(failure.__context__, StepFailed) else None
         error = failure.error + (f" (while handling: {cause})" if cause else "")
-        alerts.send(mail, alerts.Alert(source, job, failure.step, error, failure.kept))
+        if not failure.alerted:
+            alerts.send(mail, alerts.Alert(source, job, failure.step, error, failure.kept))
         if isinstance(failure.__cause__, Interrupted):
             return 128 + failure.__cause__.signum
         return EXIT_FAILED
@@ -128,3 +149,23 @@ def _run_job(job: str, body: Callable[[InterruptGuard], object], source: str,
         alerts.send(mail, alerts.Alert(source, job, "unexpected error", repr(exc), ""))
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    from agent import gateway
+
+    settings = config.parse_gateway(_values(args))
+    logsetup.configure("WARNING")
+    return gateway.serve(os.environ.get("SSH_ORIGINAL_COMMAND", ""), gateway.current_user(),
+                         settings)
+
+
+def _sink_pull(args: argparse.Namespace) -> int:
+    from agent import sink
+
+    settings = config.parse_sink(_values(args))
+    config.check_sink_paths(settings)
+    logsetup.configure(settings.log_level, settings.log_format)
+    return _exclusive(settings.store_dir / ".state" / "agent.lock", lambda guard: _run_job(
+        sink.JOBS[args.kind], lambda _: sink.pull(settings, args.kind), "sink", settings.mail,
+        guard))

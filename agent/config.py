@@ -106,6 +106,28 @@ SETTINGS: tuple[Setting, ...] = (
             "`download` (read back and hash), `off`.", (SOURCE,)),
     Setting("PUSH_LOGS", "false", "`true`: push log generations too (sites without a sink agent).",
             (SOURCE,)),
+    Setting("HANDOVER_ALERT_AGE_HOURS", "0", "Alert when a generation has waited in the handover "
+            "longer than this many hours (the transport did not take it); 0: alert on any "
+            "generation left from an earlier run (push sites). Pull sites: a little more than the "
+            "sink's pull interval.", (SOURCE,)),
+    Setting("HANDOVER_ALERT_COUNT", "0", "Also alert when more than this many generations wait "
+            "in the handover; 0: no count limit.", (SOURCE,)),
+    Setting("RRSYNC", "/usr/bin/rrsync", "The gateway hands rsync to this `rrsync -ro` (ships with "
+            "Debian's rsync).", (SOURCE,)),
+    # --- pull transport (sink) and the SSH users on the source ---
+    Setting("SSH_DATA_USER", "dataBackupSource", "The source's SSH user for data (step 2, pull)."),
+    Setting("SSH_LOG_USER", "logBackupSource", "The source's SSH user for logs (step 3)."),
+    Setting("SINK_STORE_DIR", "/backup/sink", "The sink store: `<dir>/<source-id>/{data,logs}/"
+            "<generation>/`; transfers land in `<dir>/.incoming` first.", (SINK,)),
+    Setting("SINK_SOURCES", "", "Comma-separated sources to pull, each `id=host` or "
+            "`id=host:port`; the id must be the source's SOURCE_ID.", (SINK,), required=True),
+    Setting("SINK_SSH_KEY", "/run/secrets/sink_ssh_key", "Path of the sink's SSH private key.",
+            (SINK,)),
+    Setting("SINK_SSH_CERT", "", "Path of its certificate, signed by the user CA the sources "
+            "trust; empty: `<SINK_SSH_KEY>-cert.pub`.", (SINK,)),
+    Setting("SINK_KNOWN_HOSTS", "/run/secrets/known_hosts", "A known_hosts file with the pinned "
+            "host key of every source (`[host]:port ssh-ed25519 ...`).", (SINK,)),
+    Setting("SSH_CONNECT_TIMEOUT", "10", "Seconds to wait for a source's SSH server.", (SINK,)),
     # --- retention of the sink store (push: rotated by the source; pull: by the sink) ---
     Setting("SINK_KEEP_LAST", "7", "Sink store retention: the newest N generations (>= 1)."),
     Setting("SINK_KEEP_DAILY", "7", "Sink store retention: the newest generation of each of the "
@@ -179,12 +201,47 @@ class SourceConfig:
     s3: S3Settings
     verify: str
     push_logs: bool
+    handover_alert_age_hours: int
+    handover_alert_count: int
     log_level: str = "INFO"
     log_format: str = "plain"
     all_paths: tuple[Path, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "all_paths", self.data_paths + self.log_paths)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    handover_dir: Path
+    source_store_dir: Path
+    source_keep: Policy
+    data_user: str
+    log_user: str
+    rrsync: str
+
+
+@dataclass(frozen=True)
+class SourceEndpoint:
+    id: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    store_dir: Path
+    sources: tuple[SourceEndpoint, ...]
+    ssh_key: Path
+    ssh_cert: Path
+    known_hosts: Path
+    data_user: str
+    log_user: str
+    connect_timeout: int
+    sink_keep: Policy
+    mail: MailConfig
+    log_level: str
+    log_format: str
 
 
 # ---------------------------------------------------------------- reading the environment
@@ -366,6 +423,88 @@ def _parse_s3(p: _Parser, push: bool) -> S3Settings:
     )
 
 
+ENDPOINT_RE = re.compile(r"^(?P<id>[^=]+)=(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*"
+                         r"[A-Za-z0-9])?)(:(?P<port>\d{1,5}))?$")
+USER_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_.-]{0,31}$")
+
+
+def parse_sources(text: str) -> tuple[SourceEndpoint, ...]:
+    """Given `id=host[:port],...`, return the endpoints. Raise ValueError if one is malformed
+    or an id repeats."""
+    endpoints = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        match = ENDPOINT_RE.match(item)
+        port = int(match["port"] or 22) if match else 0
+        if not match or not SOURCE_ID_RE.match(match["id"]) or not 0 < port < 65536:
+            raise ValueError(item)
+        endpoints.append(SourceEndpoint(match["id"], match["host"].strip("[]"), port))
+    if len({e.id for e in endpoints}) != len(endpoints):
+        raise ValueError("an id repeats")
+    return tuple(endpoints)
+
+
+def _ssh_users(p: _Parser) -> tuple[str, str]:
+    allowed = "use a login name (letters, digits, `_`, `.`, `-`)"
+    return (p.pattern("SSH_DATA_USER", USER_RE, allowed), p.pattern("SSH_LOG_USER", USER_RE, allowed))
+
+
+def parse_gateway(values: Mapping[str, str]) -> GatewayConfig:
+    """The settings the SSH gateway needs. Raise ConfigError listing every invalid setting."""
+    p = _Parser(values)
+    data_user, log_user = _ssh_users(p)
+    config = GatewayConfig(handover_dir=p.path("HANDOVER_DIR"),
+                           source_store_dir=p.path("SOURCE_STORE_DIR"),
+                           source_keep=p.policy("SOURCE_KEEP"), data_user=data_user,
+                           log_user=log_user, rrsync=p.path("RRSYNC").as_posix())
+    if p.problems:
+        raise ConfigError(p.problems)
+    return config
+
+
+def parse_sink(values: Mapping[str, str]) -> SinkConfig:
+    """The sink agent's configuration. Raise ConfigError listing every invalid setting."""
+    p = _Parser(values)
+    data_user, log_user = _ssh_users(p)
+    key = p.path("SINK_SSH_KEY")
+    cert_text = p.raw("SINK_SSH_CERT")
+    config = SinkConfig(
+        store_dir=p.path("SINK_STORE_DIR"),
+        sources=p._check("SINK_SOURCES", parse_sources,
+                         "use comma-separated `id=host` or `id=host:port`, ids unique", ()),
+        ssh_key=key,
+        ssh_cert=p.path("SINK_SSH_CERT") if cert_text else Path(f"{key}-cert.pub"),
+        known_hosts=p.path("SINK_KNOWN_HOSTS"),
+        data_user=data_user, log_user=log_user,
+        connect_timeout=p.integer("SSH_CONNECT_TIMEOUT", 1, 600),
+        sink_keep=p.policy("SINK_KEEP"),
+        mail=_parse_mail(p),
+        log_level=p.choice("LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
+        log_format=p.choice("LOG_FORMAT", ("plain", "json")),
+    )
+    if p.problems:
+        raise ConfigError(p.problems)
+    return config
+
+
+def check_sink_paths(config: SinkConfig) -> None:
+    """Raise ConfigError if the key, certificate or known_hosts file cannot be read or the
+    sink store cannot be written."""
+    problems = []
+    for env, path in (("SINK_SSH_KEY", config.ssh_key), ("SINK_SSH_CERT", config.ssh_cert),
+                      ("SINK_KNOWN_HOSTS", config.known_hosts)):
+        if not os.access(path, os.R_OK):
+            problems.append(f"{env}: {path} is not a readable file; mount the secret there")
+    try:
+        config.store_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(config.store_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        problems.append(f"SINK_STORE_DIR: {config.store_dir} is not a writable directory "
+                        f"({exc.strerror}); mount a writable volume there")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
@@ -399,6 +538,8 @@ def parse_source(values: Mapping[str, str], push: bool = False) -> SourceConfig:
         s3=_parse_s3(p, push),
         verify=p.choice("VERIFY", ("checksum", "download", "off")),
         push_logs=p.boolean("PUSH_LOGS"),
+        handover_alert_age_hours=p.integer("HANDOVER_ALERT_AGE_HOURS", 0),
+        handover_alert_count=p.integer("HANDOVER_ALERT_COUNT", 0),
         log_level=p.choice("LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
         log_format=p.choice("LOG_FORMAT", ("plain", "json")),
     )

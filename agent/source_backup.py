@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from agent import __version__, alerts, archive, generation, manifest, mirror
@@ -201,23 +201,37 @@ def _hash_tree(root: Path) -> list[FileEntry]:
     return entries
 
 
-def _waiting(handover: Handover) -> list[str]:
-    return [f"{m.kind}/{m.generation}" for kind in generation.KINDS
-            for m in handover.complete(kind)]
+def _waiting(handover: Handover) -> list[Manifest]:
+    return [m for kind in generation.KINDS for m in handover.complete(kind)]
+
+
+def stale(waiting: list[Manifest], now: datetime, max_age_hours: int,
+          max_count: int) -> bool:
+    """Whether generations waiting in the handover mean the transport is failing: one is older
+    than `max_age_hours` (0: any waiting generation), or more than `max_count` wait (0: no
+    limit)."""
+    if max_count and len(waiting) > max_count:
+        return True
+    limit = now - timedelta(hours=max_age_hours)
+    return any(generation.parse(m.generation) <= limit for m in waiting)
 
 
 def _alert_previous_transport_failed(config: SourceConfig, handover: Handover) -> None:
+    """Backpressure: nothing waiting is ever dropped, but a transport that does not take it
+    is alerted."""
     waiting = _waiting(handover)
-    if waiting:
+    if stale(waiting, datetime.now(UTC), config.handover_alert_age_hours,
+             config.handover_alert_count):
+        names = ", ".join(f"{m.kind}/{m.generation}" for m in waiting)
         alerts.send(config.mail, alerts.Alert(
             source=config.source_id, job=JOB, step="previous transport failed",
             error=f"{len(waiting)} complete generation(s) from earlier runs are still waiting in "
-                  f"the handover {handover.root}: {', '.join(waiting)}",
+                  f"the handover {handover.root}: {names}",
             kept="all of them, untouched; the next transport takes them, oldest first"))
 
 
 def _kept(handover: Handover) -> str:
-    waiting = _waiting(handover)
+    waiting = ", ".join(f"{m.kind}/{m.generation}" for m in _waiting(handover))
     return (f"no new generation was handed over (its staging copy was removed); "
-            f"generations waiting in the handover: {', '.join(waiting) or 'none'}; "
+            f"generations waiting in the handover: {waiting or 'none'}; "
             f"the mirror in {handover.root / '.mirror'} is kept for the next run")

@@ -20,6 +20,7 @@ class StepFailed(Exception):
         self.step = step
         self.error = str(error) or type(error).__name__
         self.kept = kept
+        self.alerted = False
 
 
 class Job:
