@@ -109,6 +109,9 @@ def write(directory: Path, manifest: Manifest) -> Path:
     target = directory / NAME
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".manifest-", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as any other file: the SSH gateway's users read it
         with os.fdopen(fd, "w") as handle:
             handle.write(manifest.to_json())
             handle.flush()

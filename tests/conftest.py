@@ -284,3 +284,4 @@ def s3(s3_server) -> Iterator[S3Server]:
     yield s3_server
     if s3_server.process is None:
         s3_server.start()
+from tests.sshd import *  # noqa: E402,F401,F403 - the sshd fixtures (pull transport)
