@@ -62,6 +62,12 @@ def serve(command: str, user: str, config: GatewayConfig) -> int:
         return _refuse(user, command, f"cannot parse the command ({exc})")
     except Refused as refusal:
         return _refuse(user, command, refusal.reason)
+    except OSError as exc:  # one line for the sink's alert, not a traceback
+        logger.error("%r for %s failed: %s", command[:200], user, exc)
+        hint = ("; the gateway users need read and write access to HANDOVER_DIR and "
+                "SOURCE_STORE_DIR through their group" if isinstance(exc, PermissionError) else "")
+        print(f"backup-agent gateway: failed: {exc}{hint}", file=sys.stderr)
+        return EXIT_REFUSED
 
 
 def _refuse(user: str, command: str, reason: str) -> int:

@@ -8,7 +8,9 @@ is renamed into place only when its manifest is written, so everything visible i
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +84,34 @@ class Handover:
         manifest.read(staged)
         target = self.generation_dir(kind, gen)
         target.parent.mkdir(parents=True, exist_ok=True)
+        self._share_with_gateway(staged, target.parent)
         staged.rename(target)
         fsync_dir(target.parent)
         return target
+
+    def _share_with_gateway(self, tree: Path, kind_dir: Path) -> None:
+        """Pull sites keep the handover in a setgid directory whose group holds the SSH gateway
+        users. Give that group read access to every file of the generation `tree` and read,
+        write and search access to every directory of it and to `kind_dir` (`data/`, `logs/`),
+        so the gateway can send it and `ack` can move or remove it — also the logs, which keep
+        the owners and modes of the application's files (e.g. 0600, or 0750 directories of
+        another group), whatever the agent's umask. Without the setgid bit (push sites)
+        nothing changes."""
+        handover = self.root.stat()
+        if not handover.st_mode & stat.S_ISGID:
+            return
+        _add_group_access(str(kind_dir), handover.st_gid, _GROUP_DIRECTORY)
+        for directory, _dirs, files in os.walk(tree):
+            _add_group_access(directory, handover.st_gid, _GROUP_DIRECTORY)
+            for name in files:
+                path = os.path.join(directory, name)
+                if not os.path.islink(path):
+                    _add_group_access(path, handover.st_gid, stat.S_IRGRP)
+
+
+_GROUP_DIRECTORY = stat.S_IRGRP | stat.S_IWGRP | stat.S_IXGRP | stat.S_ISGID
+
+
+def _add_group_access(path: str, gid: int, bits: int) -> None:
+    os.chown(path, -1, gid)
+    os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | bits)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent import alerts, archive, manifest, stores
 from agent.config import SinkConfig, SourceEndpoint
+from agent.interrupts import Interrupted
 from agent.stores.local import LocalStore, VerificationFailed, verify_directory
 from agent.ssh import Gateway
 from agent.steps import Job, StepFailed
@@ -40,6 +41,8 @@ def pull(config: SinkConfig, kind: str) -> PullResult:
         try:
             _pull_source(config, source, kind, job, result)
         except StepFailed as failure:
+            if isinstance(failure.__cause__, Interrupted):
+                raise  # SIGTERM/SIGINT ends the job (exit 128+N), not only this source
             failed.append(source.id)
             alerts.send(config.mail, alerts.Alert(source.id, JOBS[kind], failure.step,
                                                   failure.error, failure.kept))
@@ -74,7 +77,7 @@ def _pull_source(config: SinkConfig, source: SourceEndpoint, kind: str, job: Job
                 with job.step(f"verify {kind} generation {gen} of {source.id}"):
                     _verify(incoming, source.id, kind, gen)
                 with job.step(f"{move_step} move {gen} into the sink store"):
-                    incoming.rename(store.path(kind, gen))
+                    store.move_in(incoming, kind, gen)
                 with job.step(f"rotate the sink store of {source.id} ({kind})"):
                     stores.rotate(store, kind, config.sink_keep, newest_verified=gen)
                 result.pulled.append(f"{source.id}/{kind}/{gen}")

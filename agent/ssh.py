@@ -19,6 +19,8 @@ from agent.config import SinkConfig, SourceEndpoint
 logger = logging.getLogger(__name__)
 
 _SSH_FAILED = 255
+_SSHD_NOISE = "Could not chdir to home directory"
+_GATEWAY_REFUSAL = "backup-agent gateway: "
 
 
 class SshError(Exception):
@@ -47,13 +49,29 @@ class Gateway:
                 "-l", self.user]
 
     def _fail(self, what: str, process: subprocess.CompletedProcess[str]) -> SshError:
-        message = " ".join(process.stderr.strip().splitlines()[-2:]) or f"exit {process.returncode}"
+        # sshd's note about the gateway users' missing home directory is noise; the gateway's
+        # own one-line refusal is the message when there is one.
+        lines = [line for line in process.stderr.strip().splitlines()
+                 if line.strip() and not line.startswith(_SSHD_NOISE)]
+        refusals = [line for line in lines if line.startswith(_GATEWAY_REFUSAL)]
+        message = " ".join(refusals[-1:] or lines[-2:]) or f"exit {process.returncode}"
         where = f"{self.user}@{self.source.host}:{self.source.port}"
         if process.returncode == _SSH_FAILED:
             return SshError(f"cannot reach source {self.source.id} at {where} over SSH "
-                            f"({message}); check SINK_SOURCES, its host key in SINK_KNOWN_HOSTS, "
-                            "and that the certificate is valid for this user")
+                            f"({message}); {self._fix(process.stderr)}")
         return SshError(f"source {self.source.id} ({where}) refused {what}: {message}")
+
+    def _fix(self, stderr: str) -> str:
+        """What to check, from what ssh said."""
+        if "Permission denied" in stderr:
+            return (f"the source refused the sink's key: SINK_SSH_CERT must be a certificate of "
+                    f"SINK_SSH_KEY signed by the source's user CA, valid now, for the principal "
+                    f"{self.user} (`ssh-keygen -L -f` shows it)")
+        if "Host key verification failed" in stderr or "IDENTIFICATION HAS CHANGED" in stderr:
+            return (f"pin the host key of [{self.source.host}]:{self.source.port} in "
+                    "SINK_KNOWN_HOSTS")
+        return (f"check {self.source.id}'s host and port in SINK_SOURCES and that its sshd "
+                "is running")
 
     def command(self, *words: str) -> str:
         """Run a gateway command; return its output. Raise SshError."""
@@ -90,10 +108,29 @@ class Gateway:
         if basis is not None:
             argv.append(f"--link-dest={basis}")
         argv += [f"{self.source.host}:{gen}/", f"{target}/"]
-        process = subprocess.run(argv, capture_output=True, text=True, check=False)
+        process = _run_to_the_end(argv)
         if process.returncode != 0:
             raise self._fail(f"the rsync of {gen}", process)
         return _stats(process.stdout)
+
+
+def _run_to_the_end(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run `argv` and return its outcome. If this process is interrupted meanwhile (SIGTERM
+    and SIGINT become exceptions), stop the child with SIGTERM and wait for it, reading its
+    output, so that rsync keeps the partial file (`--partial`) for the next run to resume —
+    subprocess.run would SIGKILL it and close its pipes; then re-raise."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            stdout, stderr = process.communicate()
+        except BaseException:
+            process.terminate()
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            raise
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
 
 
 def _stats(output: str) -> TransferStats:

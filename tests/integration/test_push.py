@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,25 +10,9 @@ import pytest
 
 from agent import cli, config, generation, manifest, push
 from agent.interrupts import InterruptGuard
-from agent.manifest import FileEntry, Manifest
 from agent.stores.s3 import S3Store
 from tests.conftest import S3_BUCKET, S3_PREFIX, agent_env, run_agent
-
-SOURCE = "test-source"
-
-
-def make_generation(handover: Path, gen: str, size: int = 200_000, kind: str = "data") -> bytes:
-    """A complete generation in the handover, as step 1 leaves it."""
-    directory = handover / kind / gen
-    directory.mkdir(parents=True)
-    content = os.urandom(size)
-    name = "data.tar.zst" if kind == "data" else "var/log/app.log"
-    (directory / name).parent.mkdir(parents=True, exist_ok=True)
-    (directory / name).write_bytes(content)
-    manifest.write(directory, Manifest(
-        source_id=SOURCE, kind=kind, generation=gen, created_at=gen, downtime_seconds=0.1,
-        agent_version="test", files=(FileEntry(name, size, hashlib.sha256(content).hexdigest()),)))
-    return content
+from tests.generations import SOURCE, make_generation
 
 
 def push_env(tmp_path: Path, s3, mail=None, **extra: str) -> dict[str, str]:
