@@ -111,7 +111,10 @@ class S3Store:
             aws_session_token=settings.session_token or None,
             verify=settings.ca_bundle or None,
             config=botocore.config.Config(
-                s3={"addressing_style": settings.addressing_style},
+                # The body is not hashed a third time for the signature: every part's SHA-256
+                # header is signed and the store checks the body against it.
+                s3={"addressing_style": settings.addressing_style,
+                    "payload_signing_enabled": False},
                 retries={"max_attempts": 1},
                 connect_timeout=10, read_timeout=120,
                 max_pool_connections=settings.concurrency + 2,
