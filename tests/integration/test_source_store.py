@@ -1,0 +1,48 @@
+"""2.c move into the source store, across filesystems (a real tmpfs), and its rotation."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent import manifest
+from agent.stores.local import LocalStore, VerificationFailed
+from tests.generations import make_generation
+
+GEN = "2026-11-01T00-00-00Z"
+
+
+@pytest.fixture
+def other_filesystem(tmp_path: Path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_move_across_filesystems_copies_verifies_and_then_deletes(tmp_path, other_filesystem):
+    content = make_generation(tmp_path / "handover", GEN)
+    store = LocalStore(other_filesystem / "store")
+
+    moved = store.move_in(tmp_path / "handover" / "data" / GEN, "data", GEN)
+
+    assert (moved / "data.tar.zst").read_bytes() == content
+    assert manifest.read(moved).generation == GEN
+    assert not (tmp_path / "handover" / "data" / GEN).exists()
+    assert store.generations("data") == ([GEN], [])
+
+
+def test_a_copy_that_does_not_match_its_manifest_is_not_moved(tmp_path, other_filesystem):
+    make_generation(tmp_path / "handover", GEN)
+    archive = tmp_path / "handover" / "data" / GEN / "data.tar.zst"
+    archive.write_bytes(b"x" * archive.stat().st_size)
+    store = LocalStore(other_filesystem / "store")
+
+    with pytest.raises(VerificationFailed):
+        store.move_in(tmp_path / "handover" / "data" / GEN, "data", GEN)
+
+    assert archive.exists(), "the handover keeps its copy"
+    assert store.generations("data") == ([], [])
