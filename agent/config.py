@@ -72,7 +72,9 @@ SETTINGS: tuple[Setting, ...] = (
             "dump); a failure aborts the backup before anything is stopped.", (SOURCE,)),
     Setting("POST_COMMAND_LABEL", "backup.post-command", "A container label whose value is a shell "
             "command run inside that container after the application is started again.", (SOURCE,)),
-    Setting("ZSTD_LEVEL", "3", "zstd compression level of data archives, 1-19.", (SOURCE,)),
+    Setting("ZSTD_LEVEL", "1", "zstd compression level of data archives, 1-19. 1 (about 5 % "
+            "larger than 3, a quarter less CPU) because the archive is made beside the running "
+            "application.", (SOURCE,)),
     Setting("ZSTD_THREADS", "0", "zstd worker threads; 0 uses every core.", (SOURCE,)),
     Setting("SOURCE_STORE_DIR", "/backup/store", "The source store: data generations kept on the "
             "source after a verified transport (`<dir>/data/<generation>/`).", (SOURCE,)),
