@@ -40,6 +40,7 @@ from pathlib import Path
 
 import docker
 import docker.errors
+from agent.config import SETTINGS_BY_ENV
 from common import (KiB, MiB, Content, drop_caches, interrupt, log, markdown_table, text_table,
                     verdict, write_chunked)
 
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "source_backup.md"
 AGENT_LOG = RESULTS.with_name("source_backup-agent.log")
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "backup-agent-base:bookworm")
+ZSTD_LEVEL = SETTINGS_BY_ENV["ZSTD_LEVEL"].default  # the baseline compresses as the agent does
 CHANGE_BYTES = 10 * MiB
 CHANGED_FILES = 50
 MANY_FILES_FACTOR = 20
@@ -324,14 +326,15 @@ def cp_baseline(ds: DataSet, target: Path) -> float:
 
 
 def archive_baseline(ds: DataSet, write_to: Path | None = None) -> float:
-    """Seconds for `tar -c | zstd -T0 | sha256sum` of the data and logs directories; with
+    """Seconds for `tar -c | zstd -T0 -<level> | sha256sum` (the agent's default level) of the
+    data and logs directories; with
     `write_to`, the archive is also written there (tee) and synced, as the agent does."""
     members = " ".join(str(p).lstrip("/") for p in (ds.data_dir, ds.logs_dir))
     tee = f"| tee {write_to} " if write_to else ""
     sync = f" && sync {write_to}" if write_to else ""
     # The app appends to its log meanwhile: tar's exit 1 ("file changed as we read it") is fine.
     script = (f"set -o pipefail; {{ tar -cf - --warning=no-file-changed -C / {members}; "
-              f"[ $? -le 1 ]; }} | zstd -T0 -3 -q -c {tee}| sha256sum >/dev/null{sync}")
+              f"[ $? -le 1 ]; }} | zstd -T0 -{ZSTD_LEVEL} -q -c {tee}| sha256sum >/dev/null{sync}")
     elapsed = run_timed(["bash", "-c", script])
     if write_to:
         write_to.unlink()
@@ -708,8 +711,9 @@ def benchmark(size_gib: float, repeat: int, work: Path, resources: Resources) ->
     baselines = [
         ("docker stop + start of the app alone (median of 3)", f"{floor:.2f} s"),
         ("cp -a data + logs to a fresh dir", cp.cell()),
-        ("tar -c | zstd -T0 -3 | sha256sum", tar.cell()),
-        ("tar -c | zstd -T0 -3 | tee file | sha256sum; sync file (info)", tar_written.cell()),
+        (f"tar -c | zstd -T0 -{ZSTD_LEVEL} | sha256sum", tar.cell()),
+        (f"tar -c | zstd -T0 -{ZSTD_LEVEL} | tee file | sha256sum; sync file (info)",
+         tar_written.cell()),
         (f"cp -a of the {MANY_FILES_FACTOR}x files set (info)", many_cp.cell()),
     ]
     all_ok = main_ok and memory_ok
