@@ -14,14 +14,13 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 RSYNC_OPTIONS = (
     "--archive", "--hard-links", "--numeric-ids", "--delete", "--inplace", "--no-whole-file",
-    "--modify-window=-1", "--stats",
+    "--modify-window=-1",
 )
 # rsync exit 24: files vanished while the file list was made; the next pass catches up.
 _VANISHED = 24
@@ -31,25 +30,19 @@ class MirrorError(Exception):
     pass
 
 
-@dataclass
-class SyncStats:
-    files_transferred: int = 0
-    bytes_transferred: int = 0
-
-
 def member_name(path: Path) -> str:
     """The name a source path has inside the mirror, an archive or a log generation:
     the absolute path without its leading slash."""
     return str(path).lstrip("/")
 
 
-def sync(mirrors: Mapping[Path, Sequence[Path]]) -> SyncStats:
+def sync(mirrors: Mapping[Path, Sequence[Path]]) -> None:
     """Bring each mirror up to date with its source paths (each lands at
     `mirror/<member_name>`), all paths at once. A path the mirror does not hold yet is copied
     with `cp -a --reflink=auto`, which is faster than rsync for a first copy and keeps the
     nanosecond mtimes the next pass compares; afterwards rsync copies only what changed. When
     a mirror's set of paths differs from its last one, it is rebuilt from scratch, so a path
-    removed from the configuration leaves nothing behind. Return what rsync copied.
+    removed from the configuration leaves nothing behind.
     Raise MirrorError with the tool's message on failure."""
     commands: list[list[str]] = []
     for mirror, paths in mirrors.items():
@@ -62,22 +55,18 @@ def sync(mirrors: Mapping[Path, Sequence[Path]]) -> SyncStats:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 commands.append(["cp", "--archive", "--reflink=auto", "--", str(path),
                                  str(target)])
-    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  errors="replace") for c in commands]
-    total = SyncStats()
+    processes = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, errors="replace") for c in commands]
     try:
         failures = []
         for command, process in zip(commands, processes, strict=True):
-            stdout, stderr = process.communicate()
+            _, stderr = process.communicate()
             if process.returncode == _VANISHED and command[0] == "rsync":
                 logger.warning("some files vanished during the copy of %s", command[-2])
             elif process.returncode != 0:
                 message = " ".join(stderr.strip().splitlines()[-3:])
                 failures.append(f"{command[0]} of {command[-2]} failed "
                                 f"(exit {process.returncode}): {message}")
-            stats = _parse_stats(stdout)
-            total.files_transferred += stats.files_transferred
-            total.bytes_transferred += stats.bytes_transferred
     finally:
         for process in processes:
             if process.poll() is None:
@@ -85,19 +74,6 @@ def sync(mirrors: Mapping[Path, Sequence[Path]]) -> SyncStats:
                 process.wait()
     if failures:
         raise MirrorError("; ".join(failures))
-    return total
-
-
-def _parse_stats(output: str) -> SyncStats:
-    stats = SyncStats()
-    for line in output.splitlines():
-        key, _, value = line.partition(":")
-        number = value.strip().split(" ")[0].replace(",", "")
-        if key == "Number of regular files transferred" and number.isdigit():
-            stats.files_transferred = int(number)
-        elif key == "Total transferred file size" and number.isdigit():
-            stats.bytes_transferred = int(number)
-    return stats
 
 
 def _reset_if_paths_changed(paths: Sequence[Path], mirror: Path) -> None:
