@@ -296,7 +296,7 @@ class _Parser:
             self.problems.append(f"{env}: required; {setting.help}")
         return value
 
-    def _check(self, env: str, convert: Callable[[str], T], allowed: str, fallback: T) -> T:
+    def check(self, env: str, convert: Callable[[str], T], allowed: str, fallback: T) -> T:
         value = self.raw(env)
         try:
             return convert(value)
@@ -309,7 +309,7 @@ class _Parser:
             if value not in choices:
                 raise ValueError
             return value
-        return self._check(env, convert, "use one of: " + ", ".join(choices), choices[0])
+        return self.check(env, convert, "use one of: " + ", ".join(choices), choices[0])
 
     def integer(self, env: str, low: int, high: int | None = None) -> int:
         def convert(value: str) -> int:
@@ -318,7 +318,7 @@ class _Parser:
                 raise ValueError
             return number
         span = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
-        return self._check(env, convert, "use " + span, low)
+        return self.check(env, convert, "use " + span, low)
 
     def paths(self, env: str) -> tuple[Path, ...]:
         def convert(value: str) -> tuple[Path, ...]:
@@ -327,7 +327,7 @@ class _Parser:
             if any(not p.is_absolute() or p == Path("/") for p in paths):
                 raise ValueError
             return paths
-        return self._check(env, convert, "use comma-separated absolute directories other than /", ())
+        return self.check(env, convert, "use comma-separated absolute directories other than /", ())
 
     def path(self, env: str) -> Path:
         def convert(value: str) -> Path:
@@ -335,17 +335,17 @@ class _Parser:
             if not path.is_absolute() or path == Path("/"):
                 raise ValueError
             return path
-        return self._check(env, convert, "use an absolute directory other than /", Path("/invalid"))
+        return self.check(env, convert, "use an absolute directory other than /", Path("/invalid"))
 
     def label_key(self, env: str) -> str:
         def convert(value: str) -> str:
             if not LABEL_KEY_RE.match(value):
                 raise ValueError
             return value
-        return self._check(env, convert, "use a Docker label key such as `backup.pre-command`", "")
+        return self.check(env, convert, "use a Docker label key such as `backup.pre-command`", "")
 
     def selector(self, env: str) -> LabelSelector:
-        return self._check(env, parse_label_selector,
+        return self.check(env, parse_label_selector,
                            "use `key` or `key=value`, e.g. `backup.stop-during-backup=true`",
                            LabelSelector("invalid", None))
 
@@ -354,14 +354,14 @@ class _Parser:
             if value and not regex.match(value):
                 raise ValueError
             return value
-        return self._check(env, convert, allowed, "")
+        return self.check(env, convert, allowed, "")
 
     def boolean(self, env: str) -> bool:
         def convert(value: str) -> bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return value.lower() in ("true", "1", "yes")
-        return self._check(env, convert, "use true or false", False)
+        return self.check(env, convert, "use true or false", False)
 
     def policy(self, prefix: str) -> Policy:
         return Policy(last=self.integer(f"{prefix}_LAST", 1), daily=self.integer(f"{prefix}_DAILY", 0),
@@ -374,7 +374,7 @@ class _Parser:
             if not all(EMAIL_RE.match(item) for item in items):
                 raise ValueError
             return items
-        return self._check(env, convert, "use comma-separated mail addresses", ())
+        return self.check(env, convert, "use comma-separated mail addresses", ())
 
 
 def parse_label_selector(text: str) -> LabelSelector:
@@ -471,7 +471,7 @@ def parse_sink(values: Mapping[str, str]) -> SinkConfig:
     cert_text = p.raw("SINK_SSH_CERT")
     config = SinkConfig(
         store_dir=p.path("SINK_STORE_DIR"),
-        sources=p._check("SINK_SOURCES", parse_sources,
+        sources=p.check("SINK_SOURCES", parse_sources,
                          "use comma-separated `id=host` or `id=host:port`, ids unique", ()),
         ssh_key=key,
         ssh_cert=p.path("SINK_SSH_CERT") if cert_text else Path(f"{key}-cert.pub"),

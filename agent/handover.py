@@ -68,10 +68,8 @@ class Handover:
                 for entry in (self.root / kind).iterdir()]
 
     def fresh_staging(self, kind: str) -> Path:
-        """Return an empty staging directory for `kind`, removing what a failed run left."""
+        """Return a new, empty staging directory for `kind` (after `discard_staging`)."""
         path = self.staging(kind)
-        if path.exists():
-            shutil.rmtree(path)
         path.mkdir(parents=True)
         return path
 

@@ -67,9 +67,9 @@ def _pull_source(config: SinkConfig, source: SourceEndpoint, kind: str, job: Job
         with job.step(f"list the {kind} generations waiting on {source.id}"):
             offered = gateway.list()
         for gen in offered:
-            if gen not in store.generations(kind)[0]:
+            complete = store.generations(kind)[0]
+            if gen not in complete:
                 incoming = config.store_dir / ".incoming" / source.id / kind / gen
-                complete = store.generations(kind)[0]
                 basis = store.path(kind, complete[-1]) if complete else None
                 with job.step(f"{fetch_step} fetch {kind} generation {gen} from {source.id}"):
                     stats = gateway.fetch(gen, incoming, basis)

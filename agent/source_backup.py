@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -38,7 +38,6 @@ class BackupResult:
     data_size: int
     log_files: int
     elapsed_seconds: float
-    durations: dict[str, float] = field(default_factory=dict)
 
 
 def backup(config: SourceConfig, guard: InterruptGuard) -> BackupResult:
@@ -140,8 +139,7 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
     if post_failure is not None:
         raise StepFailed(post_failure.step, post_failure.error,
                          kept=f"generation {gen} was collected and handed over all the same")
-    return BackupResult(gen, window.downtime, data_digest.size, len(log_entries), job.elapsed,
-                        job.durations)
+    return BackupResult(gen, window.downtime, data_digest.size, len(log_entries), job.elapsed)
 
 
 @dataclass

@@ -29,7 +29,6 @@ class Job:
     def __init__(self, name: str) -> None:
         self.name = name
         self.started = time.monotonic()
-        self.durations: dict[str, float] = {}
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -46,7 +45,6 @@ class Job:
             logger.error("%s: failed after %.2f s: %s", name, elapsed, exc)
             raise StepFailed(name, exc) from exc
         elapsed = time.monotonic() - start
-        self.durations[name] = self.durations.get(name, 0.0) + elapsed
         logger.info("%s: done in %.2f s", name, elapsed)
 
     @property

@@ -86,6 +86,23 @@ def markdown_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
                       *("| " + " | ".join(map(cell, row)) + " |" for row in rows)])
 
 
+def docker_with_image(image: str):  # -> docker.DockerClient | None
+    """Return a Docker client, or None after saying that `image` is missing (it is built
+    locally by tools/build-base-image.sh; no registry is reachable, it is never pulled)."""
+    import docker
+    import docker.errors
+
+    client = docker.from_env()
+    client.ping()
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        print(f"image {image} not found; build it with tools/build-base-image.sh "
+              "(no registry is reachable; it is never pulled)", file=sys.stderr)
+        return None
+    return client
+
+
 def interrupt(signum: int, _frame: object) -> None:
     """A SIGTERM handler that raises KeyboardInterrupt, so that the cleanup runs."""
     raise KeyboardInterrupt(f"signal {signum}")

@@ -61,8 +61,8 @@ import botocore.config  # noqa: E402
 import docker  # noqa: E402
 import docker.errors  # noqa: E402
 
-from common import (KiB, MiB, Content, drop_caches, interrupt, log, markdown_table,  # noqa: E402
-                    text_table, verdict, write_chunked)
+from common import (KiB, MiB, Content, docker_with_image, drop_caches, interrupt,  # noqa: E402
+                    log, markdown_table, text_table, verdict, write_chunked)
 from tests.conftest import S3Server  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "push.md"
@@ -494,13 +494,8 @@ def main() -> int:
               + "\n  ".join(weeds or [f"(something listens on 127.0.0.1:{S3_PORT})"]),
               file=sys.stderr)
         return 2
-    client = docker.from_env()
-    client.ping()
-    try:
-        client.images.get(BASE_IMAGE)
-    except docker.errors.ImageNotFound:
-        print(f"image {BASE_IMAGE} not found; build it with tools/build-base-image.sh "
-              "(no registry is reachable, never pulled)", file=sys.stderr)
+    client = docker_with_image(BASE_IMAGE)
+    if client is None:
         return 2
     signal.signal(signal.SIGTERM, interrupt)
 

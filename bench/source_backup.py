@@ -41,8 +41,8 @@ from pathlib import Path
 import docker
 import docker.errors
 from agent.config import SETTINGS_BY_ENV
-from common import (KiB, MiB, Content, drop_caches, interrupt, log, markdown_table, text_table,
-                    verdict, write_chunked)
+from common import (KiB, MiB, Content, docker_with_image, drop_caches, interrupt, log,
+                    markdown_table, text_table, verdict, write_chunked)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "source_backup.md"
@@ -606,13 +606,8 @@ def main() -> int:
                              "the median (default: 3)")
     args = parser.parse_args()
 
-    client = docker.from_env()
-    client.ping()
-    try:
-        client.images.get(BASE_IMAGE)
-    except docker.errors.ImageNotFound:
-        print(f"image {BASE_IMAGE} not found; build it with tools/build-base-image.sh "
-              "(no registry is reachable; it is never pulled)", file=sys.stderr)
+    client = docker_with_image(BASE_IMAGE)
+    if client is None:
         return 2
     signal.signal(signal.SIGTERM, interrupt)
 
