@@ -18,6 +18,7 @@ from agent import __version__, alerts, config, lock, logsetup
 from agent.interrupts import InterruptGuard, Interrupted
 from agent.lock import LockBusy
 from agent.steps import StepFailed
+from agent.verification import Ledger, Stored, VerifiableStore
 
 logger = logging.getLogger("agent")
 
@@ -54,6 +55,43 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("gateway", help="the forced command of the source's sshd: serves "
                         "SSH_ORIGINAL_COMMAND (list, ack, read-only rsync)").set_defaults(
                             run=_gateway)
+
+    restore = commands.add_parser(
+        "restore", help="restore a data generation into the data paths: verify it while the "
+        "application runs, stop it, swap the contents in, start it again")
+    restore.add_argument("--from", dest="origin", default="source-store", metavar="STORE",
+                         help="source-store (default), handover, s3, or the directory of a "
+                              "pull-mode sink store (SINK_STORE_DIR, or its <source-id> folder)")
+    restore.add_argument("--generation", help="the generation id (default: the newest complete)")
+    restore.add_argument("--dry-run", action="store_true",
+                         help="show what would happen and change nothing")
+    restore.add_argument("--keep-previous", action="store_true",
+                         help="keep the replaced contents in <HANDOVER_DIR>/.replaced/ instead "
+                              "of removing them")
+    restore.add_argument("--target", type=Path,
+                         help="unpack into this new or empty directory instead, without "
+                              "touching the application")
+    restore.add_argument("--allow-outside-symlinks", action="store_true",
+                         help="restore symbolic links that point outside the data paths")
+    restore.set_defaults(run=_restore)
+
+    listing = commands.add_parser("list", help="the generations in every store of this role")
+    listing.add_argument("--role", choices=config.ALL_ROLES,
+                         help="source or sink (default: from SOURCE_ID / SINK_SOURCES)")
+    listing.add_argument("--json", action="store_true", help="JSON for scripts")
+    listing.set_defaults(run=_list)
+
+    check = commands.add_parser("verify", help="re-hash stored generations against their "
+                                "manifests; alert on a mismatch or a missing file")
+    check.add_argument("--role", choices=config.ALL_ROLES,
+                       help="source or sink (default: from SOURCE_ID / SINK_SOURCES)")
+    scope = check.add_mutually_exclusive_group()
+    scope.add_argument("--latest", dest="everything", action="store_false",
+                       help="the newest complete generation of each kind in each store "
+                            "(default)")
+    scope.add_argument("--all", dest="everything", action="store_true",
+                       help="every complete generation")
+    check.set_defaults(run=_verify, everything=False)
 
     sink = commands.add_parser("sink", help="jobs of the sink agent")
     sink_jobs = sink.add_subparsers(dest="job", required=True)
@@ -169,6 +207,131 @@ def _sink_pull(args: argparse.Namespace) -> int:
     settings = config.parse_sink(_values(args))
     config.check_sink_paths(settings)
     logsetup.configure(settings.log_level, settings.log_format)
-    return _exclusive(settings.store_dir / ".state" / "agent.lock", lambda guard: _run_job(
+    return _exclusive(sink.state_dir(settings) / "agent.lock", lambda guard: _run_job(
         sink.JOBS[args.kind], lambda _: sink.pull(settings, args.kind), "sink", settings.mail,
         guard))
+
+
+class UsageError(Exception):
+    """The command cannot run as given; nothing was touched."""
+
+
+def _role(args: argparse.Namespace, values: dict[str, str]) -> str:
+    if args.role:
+        return str(args.role)
+    roles = [role for role, env in ((config.SOURCE, "SOURCE_ID"), (config.SINK, "SINK_SOURCES"))
+             if values.get(env)]
+    if len(roles) != 1:
+        raise UsageError("cannot tell the role: set SOURCE_ID (source) or SINK_SOURCES (sink), "
+                         "or pass --role")
+    return roles[0]
+
+
+def _stores(role: str, values: dict[str, str]) -> tuple[list[Stored], Path, Path, str,
+                                                         config.MailConfig]:
+    """The stores a role keeps generations in, its ledger, its lock, its name for alerts and
+    its mail settings."""
+    from agent import sink
+    from agent.handover import Handover
+    from agent.stores.local import LocalStore
+    from agent.stores.s3 import S3Store
+
+    if role == config.SINK:
+        settings = config.parse_sink(values)
+        logsetup.configure(settings.log_level, settings.log_format)
+        stored = [Stored("sink store", s.id, LocalStore(settings.store_dir / s.id))
+                  for s in settings.sources]
+        return (stored, sink.ledger_path(settings), sink.state_dir(settings) / "agent.lock",
+                "sink", settings.mail)
+    source = config.parse_source(values)
+    logsetup.configure(source.log_level, source.log_format)
+    handover = Handover(source.handover_dir)
+    stored = [Stored("handover", source.source_id, LocalStore(source.handover_dir)),
+              Stored("source store", source.source_id, LocalStore(source.source_store_dir))]
+    if source.s3.bucket:
+        stored.append(Stored("sink store", source.source_id, S3Store(source.s3, source.source_id)))
+    return stored, handover.ledger_path, handover.lock_path, source.source_id, source.mail
+
+
+def _list(args: argparse.Namespace) -> int:
+    from agent import catalog
+    from agent.stores.s3 import StoreError
+
+    values = _values(args)
+    try:
+        stored, ledger, _, _, _ = _stores(_role(args, values), values)
+        found = catalog.rows(stored, Ledger(ledger))
+    except (UsageError, StoreError) as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, UsageError) else EXIT_FAILED
+    print(catalog.as_json(found) if args.json else catalog.as_table(found))
+    return EXIT_OK
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from agent import verification
+
+    values = _values(args)
+    try:
+        stored, ledger, lock_path, name, mail = _stores(_role(args, values), values)
+    except UsageError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return _exclusive(lock_path, lambda guard: _run_job(
+        verification.JOB, lambda _: verification.verify(stored, Ledger(ledger), args.everything),
+        name, mail, guard))
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from agent import restore
+    from agent.handover import Handover
+    from agent.stores.s3 import StoreError
+
+    settings = config.parse_source(_values(args))
+    logsetup.configure(settings.log_level, settings.log_format)
+    request = restore.Request(args.generation, args.dry_run, args.keep_previous, args.target,
+                              args.allow_outside_symlinks)
+    results: list[restore.RestoreResult] = []
+
+    def run(guard: InterruptGuard) -> int:
+        try:
+            plan = restore.plan(settings, _restore_origin(args.origin, settings), request)
+        except (restore.RestoreRefused, UsageError) as exc:
+            print(f"backup-agent: restore refused (nothing was touched): {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        except StoreError as exc:
+            print(f"backup-agent: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        code = _run_job(restore.JOB, lambda g: results.append(restore.restore(settings, plan, g)),
+                        settings.source_id, settings.mail, guard)
+        for result in results if not args.dry_run else ():
+            print(f"restored data generation {result.generation} from {result.store} into "
+                  f"{', '.join(result.paths)}"
+                  + (f"; the application was stopped for {result.downtime_seconds:.2f} s"
+                     if args.target is None else "")
+                  + (f"; the replaced contents are in {result.previous_kept_in}"
+                     if result.previous_kept_in else ""))
+        return code
+
+    return _exclusive(Handover(settings.handover_dir).lock_path, run)
+
+
+def _restore_origin(origin: str, settings: config.SourceConfig) -> VerifiableStore:
+    from agent.stores.local import LocalStore
+    from agent.stores.s3 import S3Store
+
+    if origin == "source-store":
+        return LocalStore(settings.source_store_dir)
+    if origin == "handover":
+        return LocalStore(settings.handover_dir)
+    if origin == "s3":
+        if not settings.s3.bucket:
+            raise UsageError("--from s3 needs S3_BUCKET and the other S3_* settings")
+        return S3Store(settings.s3, settings.source_id)
+    directory = Path(origin)
+    if not directory.is_absolute() or not directory.is_dir():
+        raise UsageError(f"--from {origin}: use source-store, handover, s3 or the absolute "
+                         "path of a sink store directory")
+    if (directory / settings.source_id).is_dir():
+        directory = directory / settings.source_id
+    return LocalStore(directory)

@@ -33,6 +33,11 @@ class Handover:
         return self.state / "agent.lock"
 
     @property
+    def ledger_path(self) -> Path:
+        """When each generation was last verified (see verification.Ledger)."""
+        return self.state / "verified.json"
+
+    @property
     def quiesce_record(self) -> Path:
         return self.state / "quiesced.json"
 

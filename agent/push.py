@@ -16,6 +16,7 @@ from agent.manifest import Manifest
 from agent.stores.local import LocalStore
 from agent.stores.s3 import S3Store, VerificationFailed
 from agent.steps import Job, StepFailed
+from agent.verification import Ledger
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ def _push_generation(config: SourceConfig, handover: Handover, store: S3Store,
                     f"bytes, sha256 {copy.sha256}; expected {entry.size}, {entry.sha256})")
             store.verify(copy, config.verify)
         store.verify(store.put_manifest(kind, m), config.verify)
+        if config.verify != "off":
+            Ledger(handover.ledger_path).record(store.url, kind, gen)
     with job.step(f"rotate the sink store ({kind}: {config.sink_keep.describe()})"):
         stores.rotate(store, kind, config.sink_keep, newest_verified=gen)
     if kind == "data":

@@ -12,7 +12,10 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import docker
@@ -21,7 +24,9 @@ import requests.exceptions
 from docker.models.containers import Container
 
 from agent.config import LabelSelector
+from agent.interrupts import InterruptGuard
 from agent.manifest import fsync_dir
+from agent.steps import Job
 
 logger = logging.getLogger(__name__)
 
@@ -208,3 +213,33 @@ def _own_container_id() -> str | None:
             if len(part) == 64:
                 return part
     return None
+
+
+@dataclass
+class Window:
+    """When the application was stopped, and for how long."""
+
+    stopped_at: datetime
+    downtime: float = 0.0
+
+
+@contextmanager
+def application_stopped(quiescer: Quiescer, selector: LabelSelector, project: str,
+                        guard: InterruptGuard, job: Job) -> Iterator[Window]:
+    """1.a stop the application for the block; 1.c start it again whatever happens."""
+    window = Window(datetime.now(UTC))
+    started = time.monotonic()
+    try:
+        with job.step("1.a stop the application"):
+            containers = quiescer.select(selector, project)
+            if not containers:
+                logger.warning("no running container has the label %s; going on without "
+                               "stopping anything", selector.docker_filter())
+            window.stopped_at = datetime.now(UTC)
+            quiescer.quiesce(containers)
+        yield window
+    finally:
+        with guard.shielded(), job.step("1.c start the application"):
+            quiescer.resume()
+        window.downtime = time.monotonic() - started
+        logger.info("application downtime: %.2f s", window.downtime)

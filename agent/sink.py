@@ -18,10 +18,20 @@ from agent.interrupts import Interrupted
 from agent.stores.local import LocalStore, VerificationFailed, verify_directory
 from agent.ssh import Gateway
 from agent.steps import Job, StepFailed
+from agent.verification import Ledger
 
 logger = logging.getLogger(__name__)
 
 JOBS = {"data": "sink pull-data", "logs": "sink pull-logs"}
+
+
+def state_dir(config: SinkConfig) -> Path:
+    """The sink agent's own files: its lock and its ledger of verifications."""
+    return config.store_dir / ".state"
+
+
+def ledger_path(config: SinkConfig) -> Path:
+    return state_dir(config) / "verified.json"
 STEPS = {"data": ("2.a", "2.b"), "logs": ("3.a", "3.b")}
 
 
@@ -78,6 +88,7 @@ def _pull_source(config: SinkConfig, source: SourceEndpoint, kind: str, job: Job
                     _verify(incoming, source.id, kind, gen)
                 with job.step(f"{move_step} move {gen} into the sink store"):
                     store.move_in(incoming, kind, gen)
+                    Ledger(ledger_path(config)).record(store.url, kind, gen)
                 with job.step(f"rotate the sink store of {source.id} ({kind})"):
                     stores.rotate(store, kind, config.sink_keep, newest_verified=gen)
                 result.pulled.append(f"{source.id}/{kind}/{gen}")

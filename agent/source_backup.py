@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from agent import __version__, alerts, archive, generation, manifest, mirror
+from agent import __version__, alerts, archive, generation, manifest, mirror, restore
 from agent.config import SourceConfig
 from agent.handover import Handover
 from agent.interrupts import InterruptGuard
 from agent.manifest import FileEntry, Manifest
-from agent.quiescer import Quiescer, connect
+from agent.quiescer import Quiescer, application_stopped, connect
 from agent.stores.local import LocalStore
 from agent.steps import Job, StepFailed
 
@@ -57,7 +54,9 @@ def _backup(config: SourceConfig, handover: Handover, guard: InterruptGuard) -> 
     with job.step("connect to the Docker engine"):
         quiescer = Quiescer(connect(config.docker_host, config.stop_timeout),
                             handover.quiesce_record, config.quiesce_mode, config.stop_timeout)
-    with job.step("reconcile: start containers an interrupted run left stopped"):
+    with job.step("reconcile: roll back an interrupted restore, start containers an "
+                  "interrupted run left stopped"):
+        restore.reconcile(handover, config.data_paths)
         quiescer.reconcile()
     with job.step("check for generations a failed transport left in the handover"):
         _alert_previous_transport_failed(config, handover)
@@ -88,7 +87,8 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
                       "(bulk pass, application running)"):
             mirror.sync(mirrors)
 
-    with _application_stopped(config, quiescer, guard, job) as window:
+    with application_stopped(quiescer, config.stop_label, config.compose_project,
+                                 guard, job) as window:
         if config.collect_mode == "mirror":
             with job.step("1.b collect application data, 1.d collect log data "
                           "(final pass, application stopped)"):
@@ -140,34 +140,6 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
         raise StepFailed(post_failure.step, post_failure.error,
                          kept=f"generation {gen} was collected and handed over all the same")
     return BackupResult(gen, window.downtime, data_digest.size, len(log_entries), job.elapsed)
-
-
-@dataclass
-class _Window:
-    stopped_at: datetime
-    downtime: float = 0.0
-
-
-@contextmanager
-def _application_stopped(config: SourceConfig, quiescer: Quiescer, guard: InterruptGuard,
-                         job: Job) -> Iterator[_Window]:
-    """1.a stop the application for the block; 1.c start it again whatever happens."""
-    window = _Window(datetime.now(UTC))
-    started = time.monotonic()
-    try:
-        with job.step("1.a stop the application"):
-            containers = quiescer.select(config.stop_label, config.compose_project)
-            if not containers:
-                logger.warning("no running container has the label %s; collecting without "
-                               "stopping anything", config.stop_label.docker_filter())
-            window.stopped_at = datetime.now(UTC)
-            quiescer.quiesce(containers)
-        yield window
-    finally:
-        with guard.shielded(), job.step("1.c start the application"):
-            quiescer.resume()
-        window.downtime = time.monotonic() - started
-        logger.info("application downtime: %.2f s", window.downtime)
 
 
 def _archive(config: SourceConfig, root: Path, staging: Path) -> archive.Digest:

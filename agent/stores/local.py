@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +43,24 @@ def verify_directory(directory: Path, m: Manifest) -> None:
 class LocalStore:
     root: Path
 
+    @property
+    def url(self) -> str:
+        return str(self.root)
+
     def path(self, kind: str, gen: str) -> Path:
         generation.parse(gen)
         return self.root / kind / gen
+
+    def read_manifest(self, kind: str, gen: str) -> Manifest:
+        return manifest.read(self.path(kind, gen))
+
+    def chunks(self, kind: str, gen: str, name: str) -> Iterator[bytes]:
+        """Yield the content of the generation's file `name` (a manifest path) in chunks.
+        Raise FileNotFoundError if it is missing."""
+        with open(self.path(kind, gen) / manifest.check_relative_path(name), "rb") as handle:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            while data := handle.read(archive.CHUNK):
+                yield data
 
     def all_ids(self) -> list[str]:
         return [g for kind in generation.KINDS for ids in self.generations(kind) for g in ids]

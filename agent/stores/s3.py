@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-from collections import defaultdict
+import itertools
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
                         botocore.exceptions.ConnectionClosedError,
                         botocore.exceptions.ReadTimeoutError,
-                        botocore.exceptions.ConnectTimeoutError)):
+                        botocore.exceptions.ConnectTimeoutError,
+                        botocore.exceptions.IncompleteReadError,
+                        botocore.exceptions.ResponseStreamingError)):
         return True
     if isinstance(exc, botocore.exceptions.ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
@@ -136,8 +139,10 @@ class S3Store:
     def call(self, operation: str, **kwargs: Any) -> Any:
         """Call the S3 operation, retrying transient errors with exponential backoff and jitter
         for at most S3_RETRY_SECONDS. Raise StoreError with the cause and the fix otherwise."""
-        method: Callable[..., Any] = getattr(self.client, operation)
+        return self._retried(operation, kwargs, getattr(self.client, operation), **kwargs)
 
+    def _retried(self, operation: str, where: dict[str, Any], function: Callable[..., Any],
+                 *args: Any, **kwargs: Any) -> Any:
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             logger.warning("S3 %s failed (%s); retry %d in %.1f s", operation, exc,
@@ -150,13 +155,13 @@ class S3Store:
             wait=wait_exponential_jitter(multiplier=0.5, max=30),
             before_sleep=log_retry, reraise=True)
         try:
-            return retrying(method, **kwargs)
+            return retrying(function, *args, **kwargs)
         except botocore.exceptions.ClientError as exc:
-            raise StoreError(self._explain(operation, kwargs, exc)) from None
+            raise StoreError(self._explain(operation, where, exc)) from None
         except botocore.exceptions.BotoCoreError as exc:
             hint = ("check S3_ENDPOINT_URL and that the store is up" if is_transient(exc)
                     else "check the S3_* settings")
-            raise StoreError(f"S3 {operation} on {self._where(kwargs)} failed: {exc}; "
+            raise StoreError(f"S3 {operation} on {self._where(where)} failed: {exc}; "
                              f"{hint}") from None
 
     def _where(self, kwargs: dict[str, Any]) -> str:
@@ -257,13 +262,47 @@ class S3Store:
         return "download"
 
     def hash_object(self, key: str) -> tuple[int, str]:
-        body = self.call("get_object", Bucket=self.bucket, Key=key)["Body"]
         digest = hashlib.sha256()
         size = 0
-        for chunk in body.iter_chunks(1 << 20):
+        for chunk in self.read_object(key):
             digest.update(chunk)
             size += len(chunk)
         return size, digest.hexdigest()
+
+    def read_object(self, key: str) -> Iterator[memoryview]:
+        """Yield the object's content in order. Large objects are read as ranges of one part
+        size, several at once (S3_CONCURRENCY), each retried on its own; memory stays at
+        about concurrency × part size."""
+        size = self.call("head_object", Bucket=self.bucket, Key=key)["ContentLength"]
+        step = self.settings.part_size
+        if size <= step:
+            yield from _slices(self._range_bytes(key, 0, size, step))
+            return
+        with ThreadPoolExecutor(self.settings.concurrency) as pool:
+            pending: deque[Future[bytes]] = deque()
+            offsets = iter(range(0, size, step))
+            for offset in itertools.islice(offsets, self.settings.concurrency):
+                pending.append(pool.submit(self._range_bytes, key, offset, size, step))
+            while pending:
+                data = pending.popleft().result()
+                for offset in itertools.islice(offsets, 1):
+                    pending.append(pool.submit(self._range_bytes, key, offset, size, step))
+                yield from _slices(data)
+
+    def _range_bytes(self, key: str, offset: int, size: int, step: int) -> bytes:
+        end = min(size, offset + step)
+        return self._retried("get_object", {"Key": key}, self._read_range, key, offset, end)
+
+    def _read_range(self, key: str, start: int, end: int) -> bytes:
+        """The bytes [start, end) of the object; a read that breaks off is retried whole."""
+        if end == start:
+            return b""
+        body = self.client.get_object(Bucket=self.bucket, Key=key,
+                                      Range=f"bytes={start}-{end - 1}")["Body"]
+        return body.read()
+
+    def chunks(self, kind: str, gen: str, name: str) -> Iterator[memoryview]:
+        return self.read_object(self.key(kind, gen, manifest.check_relative_path(name)))
 
     # -- listing and removing
 
@@ -307,6 +346,12 @@ class S3Store:
         body = self.call("get_object", Bucket=self.bucket,
                          Key=self.key(kind, gen, manifest.NAME))["Body"]
         return manifest.from_json(body.read().decode())
+
+
+def _slices(data: bytes, size: int = 1 << 20) -> Iterator[memoryview]:
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        yield view[start:start + size]
 
 
 def _chunks(handle: Any, size: int) -> Iterator[bytes]:

@@ -1,0 +1,357 @@
+"""Safe extraction of a data archive: one pass over the stored bytes hashes them, decompresses
+them, checks every tar member and unpacks it with GNU tar into fresh staging directories.
+
+Nothing of an archive is trusted. A member is refused — and the whole extraction fails — when
+its name is absolute or climbs with `..`, when it lies outside the generation's data paths,
+when it is a device node, when a hard link names anything but an earlier member, when a
+symbolic link points outside the data paths, or when it would be written through a symbolic
+link. GNU tar adds its own guard (it strips `/` and `..` and delays symbolic links), so even a
+member checked too late cannot be written outside the staging directory; and a staging
+directory is only ever used after the stream's sha256 matched the manifest.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import queue
+import threading
+import posixpath
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import zstandard
+
+from agent.archive import CHUNK, Digest
+
+
+_QUEUE_CHUNKS = 8
+_F_SETPIPE_SZ = 1031
+
+
+class UnsafeMember(Exception):
+    """The archive holds a member that must not be unpacked."""
+
+
+class ExtractionFailed(Exception):
+    pass
+
+
+class DigestMismatch(Exception):
+    pass
+
+
+@dataclass
+class MemberPolicy:
+    """Decides, member by member, whether an archive may be unpacked. Pure: it sees only the
+    members' names, types and link targets, in archive order.
+
+    `roots` are the generation's data paths as member names (`srv/app`); every member must be
+    one of them or lie below one. With `allow_outside_symlinks`, symbolic links may point
+    anywhere (they are restored as links; nothing is written through them)."""
+
+    roots: Sequence[str]
+    allow_outside_symlinks: bool = False
+    _seen_files: set[str] = field(default_factory=set)
+    _symlinks: set[str] = field(default_factory=set)
+
+    def check(self, name: str, kind: str, link: str = "") -> None:
+        """Check one member: `kind` is one of file, dir, symlink, hardlink, fifo, device.
+        Raise UnsafeMember naming the member and the reason."""
+        if name.startswith("/"):
+            raise UnsafeMember(f"{name!r}: absolute path")
+        parts = name.rstrip("/").split("/")
+        if ".." in parts or "" in parts or "\0" in name:
+            raise UnsafeMember(f"{name!r}: a path with `..` or empty components")
+        clean = "/".join(parts)
+        if not any(clean == root or clean.startswith(root + "/") for root in self.roots):
+            raise UnsafeMember(f"{name!r}: outside the generation's data paths "
+                               f"({', '.join('/' + r for r in self.roots)})")
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in self._symlinks:
+                raise UnsafeMember(f"{name!r}: would be written through the symbolic link "
+                                   f"{'/'.join(parts[:depth])!r}")
+        if kind == "device":
+            raise UnsafeMember(f"{name!r}: a device node")
+        if kind == "hardlink" and link.rstrip("/") not in self._seen_files:
+            raise UnsafeMember(f"{name!r}: a hard link to {link!r}, which is not an earlier "
+                               "file of the archive")
+        if kind == "symlink":
+            self._check_symlink(clean, link)
+            self._symlinks.add(clean)
+        elif kind in ("file", "hardlink"):
+            self._seen_files.add(clean)
+
+    def _check_symlink(self, name: str, link: str) -> None:
+        if self.allow_outside_symlinks:
+            return
+        if not link or "\0" in link:
+            raise UnsafeMember(f"{name!r}: an empty symbolic link")
+        # Data paths are restored where they were, so the link resolves as it did there.
+        base = posixpath.dirname("/" + name)
+        resolved = posixpath.normpath(posixpath.join(base, link))
+        if not any(resolved == "/" + root or resolved.startswith("/" + root + "/")
+                   for root in self.roots):
+            raise UnsafeMember(f"{name!r}: a symbolic link to {link!r}, outside the data paths "
+                               "(restore with --allow-outside-symlinks if you trust this "
+                               "archive)")
+
+
+def member_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return "symlink"
+    if member.islnk():
+        return "hardlink"
+    if member.isdir():
+        return "dir"
+    if member.isfifo():
+        return "fifo"
+    if member.ischr() or member.isblk():
+        return "device"
+    if member.isreg():
+        return "file"
+    raise UnsafeMember(f"{member.name!r}: unknown member type {member.type!r}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Unpack the members below `member` (e.g. `srv/app`; empty: all) into `directory`, which
+    must be new or empty."""
+
+    directory: Path
+    member: str = ""
+
+
+class _Reader:
+    """A thread that pulls the stored bytes (a file or an S3 download), hashes them and hands
+    them out through a small queue, so reading and hashing overlap with decompression."""
+
+    def __init__(self, chunks: Iterable[bytes | memoryview]) -> None:
+        self._queue: queue.Queue[bytes | memoryview | BaseException] = queue.Queue(_QUEUE_CHUNKS)
+        self._hash = hashlib.sha256()
+        self._size = 0
+        self._pending = memoryview(b"")
+        self._ended = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(chunks,), daemon=True)
+        self._thread.start()
+
+    def _run(self, chunks: Iterable[bytes | memoryview]) -> None:
+        try:
+            for chunk in chunks:
+                self._hash.update(chunk)
+                self._size += len(chunk)
+                if not _put(self._queue, chunk, self._stop):
+                    return
+            _put(self._queue, b"", self._stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+            _put(self._queue, exc, self._stop)
+
+    def read(self, size: int = -1) -> memoryview:
+        if not self._pending and not self._ended:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            self._pending = memoryview(item)
+            self._ended = not item
+        if size < 0 or size >= len(self._pending):
+            data, self._pending = self._pending, memoryview(b"")
+        else:
+            data, self._pending = self._pending[:size], self._pending[size:]
+        return data
+
+    def drain(self) -> Digest:
+        """Read to the end; return the size and sha256 of everything read."""
+        while self.read(CHUNK):
+            pass
+        self._thread.join()
+        return Digest(self._size, self._hash.hexdigest())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _put(target: queue.Queue[bytes | memoryview | BaseException],
+         item: bytes | memoryview | BaseException,
+         stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            target.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+class _Checker:
+    """A thread that reads the decompressed stream's tar headers with tarfile and checks each
+    member against the policy, beside the decompression. The stream only seeks forward: the
+    contents are skipped, never copied."""
+
+    def __init__(self, policy: MemberPolicy) -> None:
+        self._policy = policy
+        self._queue: queue.Queue[bytes] = queue.Queue(_QUEUE_CHUNKS)
+        self._buffer = memoryview(b"")
+        self._position = 0
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def feed(self, chunk: bytes) -> None:
+        """Hand over the next decompressed chunk (b"" at the end). Raise the member's problem
+        as soon as one was found."""
+        if self.error is not None:
+            raise self.error
+        _put(self._queue, chunk, self._stop)  # type: ignore[arg-type]
+
+    def finish(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            archive = tarfile.open(fileobj=self, mode="r:")  # type: ignore[call-overload]
+            while (member := archive.next()) is not None:
+                archive.members.clear()  # memory stays flat whatever the number of members
+                self._policy.check(member.name, member_kind(member), member.linkname)
+            self.seek(1 << 62)  # the end-of-archive blocks, and any rest of the stream
+        except UnsafeMember as exc:
+            self.error = exc
+        except (tarfile.TarError, EOFError) as exc:
+            self.error = ExtractionFailed(f"the archive is damaged: {exc}")
+        self._stop.set()
+
+    def _pull(self) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._buffer = memoryview(self._queue.get(timeout=0.1))
+                return bool(self._buffer)
+            except queue.Empty:
+                continue
+        return False
+
+    def read(self, size: int = -1) -> bytes:
+        parts = []
+        while size != 0 and (self._buffer or self._pull()):
+            take = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+            parts.append(self._buffer[:take].tobytes())
+            self._buffer = self._buffer[take:]
+            self._position += take
+            size -= take
+        return b"".join(parts)
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or position < self._position:
+            raise OSError("the archive stream only seeks forward")
+        while self._position < position and (self._buffer or self._pull()):
+            take = min(position - self._position, len(self._buffer))
+            self._buffer = self._buffer[take:]
+            self._position += take
+        return self._position
+
+
+def _start_tar(target: Target) -> subprocess.Popen[bytes]:
+    target.directory.mkdir(parents=True, exist_ok=True)
+    command = ["tar", "--extract", "--file=-", "--numeric-owner", "--same-permissions",
+               f"--directory={target.directory}"]
+    if os.geteuid() == 0:
+        command.append("--same-owner")
+    errors = tempfile.TemporaryFile()
+    process = subprocess.Popen(command + (["--", target.member] if target.member else []),
+                               stdin=subprocess.PIPE, stderr=errors)
+    process.errors = errors  # type: ignore[attr-defined]
+    try:
+        fcntl.fcntl(process.stdin.fileno(), _F_SETPIPE_SZ, CHUNK)  # type: ignore[union-attr]
+    except OSError:
+        pass  # a smaller pipe only costs speed
+    return process
+
+
+def _tar_error(process: subprocess.Popen[bytes]) -> str:
+    errors: IO[bytes] = process.errors  # type: ignore[attr-defined]
+    errors.seek(0)
+    return errors.read().decode(errors="replace").strip()[-500:] or f"exit {process.returncode}"
+
+
+def _write(processes: list[subprocess.Popen[bytes]], data: bytes) -> None:
+    for process in list(processes):
+        try:
+            process.stdin.write(data)  # type: ignore[union-attr]
+        except BrokenPipeError:
+            # tar stops reading after the end-of-archive blocks; anything else is an error
+            processes.remove(process)
+            if process.wait(timeout=30) != 0:
+                raise ExtractionFailed(f"tar failed: {_tar_error(process)}") from None
+
+
+def extract(chunks: Iterable[bytes | memoryview], expected: Digest, targets: Sequence[Target],
+            policy: MemberPolicy) -> Digest:
+    """Unpack the zstd-compressed tar arriving as `chunks` into every target, checking each
+    member with `policy` and hashing the compressed bytes. Return their digest. Raise
+    DigestMismatch if it is not `expected`, UnsafeMember for a refused member, ExtractionFailed
+    if the stream or tar fails. On any failure the targets may hold a partial tree: the caller
+    removes them."""
+    reader = _Reader(chunks)
+    checker = _Checker(policy)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        processes = [_start_tar(target) for target in targets]
+        try:
+            _unpack(reader, checker, processes)
+        except (UnsafeMember, ExtractionFailed) as exc:
+            _check(reader.drain(), expected, cause=exc)  # damaged, rather than crafted?
+            raise
+        digest = reader.drain()
+        _check(digest, expected)
+        return digest
+    finally:
+        reader.close()
+        checker.close()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.errors.close()  # type: ignore[attr-defined]
+
+
+def _unpack(reader: _Reader, checker: _Checker, processes: list[subprocess.Popen[bytes]]) -> None:
+    open_processes = list(processes)
+    decompressor = zstandard.ZstdDecompressor().stream_reader(reader, read_size=CHUNK)
+    try:
+        while data := decompressor.read(CHUNK):
+            _write(open_processes, data)
+            checker.feed(data)
+    except zstandard.ZstdError as exc:
+        raise ExtractionFailed(f"the archive is damaged: {exc}") from exc
+    checker.feed(b"")
+    checker.finish()
+    for process in open_processes:
+        try:
+            process.stdin.close()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass
+    for process in processes:
+        if process.wait() != 0:
+            raise ExtractionFailed(f"tar failed: {_tar_error(process)}")
+
+
+def _check(digest: Digest, expected: Digest, cause: BaseException | None = None) -> None:
+    if digest != expected:
+        raise DigestMismatch(f"{digest.size} bytes with sha256 {digest.sha256}; the manifest "
+                             f"says {expected.size} bytes, {expected.sha256}") from cause

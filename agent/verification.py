@@ -1,0 +1,156 @@
+"""Verify stored generations again, long after they were written, and remember when each one
+was last verified (the ledger), for `list`.
+
+    for each store, kind and generation (the newest, or all): read the manifest → re-hash every
+    file it lists → record the success, or collect the failure → alert once for all failures
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from agent import generation, manifest
+from agent.manifest import Manifest, fsync_dir
+from agent.steps import Job, StepFailed
+from agent.stores.s3 import StoreError
+
+logger = logging.getLogger(__name__)
+
+JOB = "verify"
+
+
+class VerificationFailed(Exception):
+    pass
+
+
+class VerifiableStore(Protocol):
+    @property
+    def url(self) -> str: ...
+
+    def generations(self, kind: str) -> tuple[list[str], list[str]]: ...
+
+    def read_manifest(self, kind: str, gen: str) -> Manifest: ...
+
+    def chunks(self, kind: str, gen: str, name: str) -> Iterable[bytes | memoryview]: ...
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One store of generations as a role sees it: what it is called and whose it is."""
+
+    name: str  # handover, source store, sink store
+    source_id: str
+    store: VerifiableStore
+
+
+class Ledger:
+    """When each generation was last verified: `{"<store url>|<kind>|<gen>": "<UTC time>"}` in
+    one JSON file, rewritten atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, str]:
+        try:
+            body = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    @staticmethod
+    def key(url: str, kind: str, gen: str) -> str:
+        return f"{url}|{kind}|{gen}"
+
+    def last(self, url: str, kind: str, gen: str) -> str:
+        return self.load().get(self.key(url, kind, gen), "")
+
+    def record(self, url: str, kind: str, gen: str, when: datetime | None = None) -> None:
+        entries = self.load()
+        entries[self.key(url, kind, gen)] = (when or datetime.now(UTC)).isoformat(
+            timespec="seconds").replace("+00:00", "Z")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".verified-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(entries, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(self.path.parent)
+
+
+def verify_generation(stored: Stored, kind: str, gen: str) -> Manifest:
+    """Re-hash every file of the generation against its manifest. Return the manifest. Raise
+    VerificationFailed naming the first file that is missing or differs, or a manifest that
+    is invalid or of another source, kind or generation."""
+    store = stored.store
+    try:
+        m = store.read_manifest(kind, gen)
+    except (manifest.InvalidManifest, FileNotFoundError, StoreError) as exc:
+        raise VerificationFailed(f"the manifest cannot be read: {exc}") from None
+    if (m.source_id, m.kind, m.generation) != (stored.source_id, kind, gen):
+        raise VerificationFailed(f"the manifest is of {m.source_id}/{m.kind}/{m.generation}")
+    for entry in m.files:
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            for chunk in store.chunks(kind, gen, entry.path):
+                digest.update(chunk)
+                size += len(chunk)
+        except (FileNotFoundError, StoreError) as exc:
+            raise VerificationFailed(f"{entry.path} is missing or unreadable: {exc}") from None
+        if (size, digest.hexdigest()) != (entry.size, entry.sha256):
+            raise VerificationFailed(f"{entry.path}: {size} bytes with sha256 "
+                                     f"{digest.hexdigest()}; the manifest says {entry.size} "
+                                     f"bytes, {entry.sha256}")
+    return m
+
+
+@dataclass
+class VerifyResult:
+    verified: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def verify(stores: Sequence[Stored], ledger: Ledger, everything: bool) -> VerifyResult:
+    """Verify the newest complete generation of each kind in each store (`everything`: all of
+    them), recording every success in `ledger`. Raise StepFailed listing every failure after
+    all were checked."""
+    job = Job(JOB)
+    result = VerifyResult()
+    for stored in stores:
+        for kind in generation.KINDS:
+            try:
+                complete = stored.store.generations(kind)[0]
+            except StoreError as exc:
+                result.failed.append(f"{stored.name} {stored.store.url}: {exc}")
+                continue
+            for gen in complete if everything else complete[-1:]:
+                label = f"{stored.name} {stored.store.url}/{kind}/{gen}"
+                try:
+                    with job.step(f"verify {label}"):
+                        m = verify_generation(stored, kind, gen)
+                except StepFailed as failure:
+                    result.failed.append(f"{label}: {failure.error}")
+                    continue
+                ledger.record(stored.store.url, kind, gen)
+                result.verified.append(f"{label} ({m.total_size} bytes)")
+    logger.info("%s done: %d generation(s) verified, %d failed, %.2f s", JOB,
+                len(result.verified), len(result.failed), job.elapsed)
+    if result.failed:
+        raise StepFailed(f"verify ({len(result.failed)} failed)", "; ".join(result.failed),
+                         kept="the stored generations are left as they are; restore from one "
+                              "that verifies")
+    return result
