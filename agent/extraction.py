@@ -67,8 +67,9 @@ class MemberPolicy:
         if name.startswith("/"):
             raise UnsafeMember(f"{name!r}: absolute path")
         parts = name.rstrip("/").split("/")
-        if ".." in parts or "" in parts or "\0" in name:
-            raise UnsafeMember(f"{name!r}: a path with `..` or empty components")
+        if ".." in parts or "." in parts or "" in parts or "\0" in name:
+            # `.` too: `srv/app/./link/x` must not slip past the symbolic link check below
+            raise UnsafeMember(f"{name!r}: a path with `..`, `.` or empty components")
         clean = "/".join(parts)
         if not any(clean == root or clean.startswith(root + "/") for root in self.roots):
             raise UnsafeMember(f"{name!r}: outside the generation's data paths "
@@ -79,6 +80,11 @@ class MemberPolicy:
                                    f"{'/'.join(parts[:depth])!r}")
         if kind == "device":
             raise UnsafeMember(f"{name!r}: a device node")
+        if kind == "hardlink" and link.rstrip("/") in self._symlinks:
+            # GNU tar archives a hard-linked symbolic link (e.g. from `cp -al`) as a link and
+            # hard links to it: one more name of a checked link, never written through
+            self._symlinks.add(clean)
+            return
         if kind == "hardlink" and link.rstrip("/") not in self._seen_files:
             raise UnsafeMember(f"{name!r}: a hard link to {link!r}, which is not an earlier "
                                "file of the archive")
