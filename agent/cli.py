@@ -93,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="every complete generation")
     check.set_defaults(run=_verify, everything=False)
 
+    cron = commands.add_parser("cron", help="the container's entrypoint: run this role's jobs on "
+                               "their CRON_* schedules, one at a time, logging to stdout")
+    cron.add_argument("--role", choices=config.ALL_ROLES,
+                      help="source or sink (default: from SOURCE_ID / SINK_SOURCES)")
+    cron.set_defaults(run=_cron)
+    health = commands.add_parser("health", help="exit 0 when the scheduled jobs are healthy, 1 "
+                                 "when the last run failed or none succeeded in time")
+    health.add_argument("--role", choices=config.ALL_ROLES,
+                        help="source or sink (default: from SOURCE_ID / SINK_SOURCES)")
+    health.set_defaults(run=_health)
+
     sink = commands.add_parser("sink", help="jobs of the sink agent")
     sink_jobs = sink.add_subparsers(dest="job", required=True)
     sink_jobs.add_parser("pull-data", help="step 2 (pull): fetch, verify, store, rotate, "
@@ -335,3 +346,73 @@ def _restore_origin(origin: str, settings: config.SourceConfig) -> VerifiableSto
     if (directory / settings.source_id).is_dir():
         directory = directory / settings.source_id
     return LocalStore(directory)
+
+
+def _cron_setup(args: argparse.Namespace) -> tuple[str, config.CronConfig, Path]:
+    """The role, its schedules and the status file `health` reads; every setting of the role
+    is checked now, so a bad one stops the container at start (exit 2)."""
+    from agent import sink
+    from agent.handover import Handover
+
+    values = _values(args)
+    role = _role(args, values)
+    problems = []
+    try:
+        schedule = config.parse_cron(values, role)
+    except config.ConfigError as exc:
+        problems, schedule = exc.problems, config.CronConfig((), ())
+    try:
+        if role == config.SINK:
+            status = sink.state_dir(config.parse_sink(values)) / "cron.json"
+        else:
+            jobs = {job for job, _ in schedule.schedules} | set(schedule.at_start)
+            source = config.parse_source(values, push=bool(jobs & {"run", "push"}))
+            status = Handover(source.handover_dir).state / "cron.json"
+    except config.ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise config.ConfigError(problems)
+    return role, schedule, status
+
+
+def _cron(args: argparse.Namespace) -> int:
+    from agent import cron
+
+    try:
+        role, schedule, status_path = _cron_setup(args)
+    except UsageError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logsetup.send_to(sys.stdout)
+    values = _values(args)
+    logsetup.configure(values.get("LOG_LEVEL", "INFO"), values.get("LOG_FORMAT", "plain"))
+
+    def run(job: str) -> int:
+        return main(["--env-file", str(args.env_file), *cron.command(job, role)])
+
+    scheduler = cron.Scheduler(schedule.schedules, run, cron.Status(status_path))
+    return scheduler.serve(schedule.at_start)
+
+
+def _health(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from agent import cron
+
+    try:
+        _, schedule, status_path = _cron_setup(args)
+        status = cron.Status(status_path).load()
+    except UsageError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (FileNotFoundError, ValueError):
+        print(f"unhealthy: no status in {status_path}; is `backup-agent cron` running?")
+        return EXIT_FAILED
+    problems = cron.assess(status, schedule.schedules, datetime.now(UTC))
+    for problem in problems:
+        print(f"unhealthy: {problem}")
+    if not problems:
+        print("healthy: " + ", ".join(f"{job} last succeeded "
+                                      f"{status['jobs'].get(job, {}).get('last_success', 'never')}"
+                                      for job, _ in schedule.schedules))
+    return EXIT_FAILED if problems else EXIT_OK

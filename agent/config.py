@@ -138,6 +138,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SINK_KEEP_MONTHLY", "6", "Sink store retention: the same per month."),
     Setting("DOCKER_HOST", "unix:///var/run/docker.sock", "The Docker Engine API the agent talks to "
             "(the mounted socket, or a socket proxy such as `tcp://docker-proxy:2375`).", (SOURCE,)),
+    # --- the cron entrypoint (`backup-agent cron`) ---
+    Setting("CRON_RUN", "", "Cron expression (UTC) for `source run`: backup, then push. Empty: "
+            "not scheduled.", (SOURCE,)),
+    Setting("CRON_BACKUP", "", "Cron expression (UTC) for `source backup` alone (pull sites).",
+            (SOURCE,)),
+    Setting("CRON_PUSH", "", "Cron expression (UTC) for `source push` alone.", (SOURCE,)),
+    Setting("CRON_PULL_LOGS", "", "Cron expression (UTC) for `sink pull-logs`.", (SINK,)),
+    Setting("CRON_PULL_DATA", "", "Cron expression (UTC) for `sink pull-data`.", (SINK,)),
+    Setting("CRON_VERIFY", "", "Cron expression (UTC) for `verify --latest` of this role's "
+            "stores."),
+    Setting("CRON_AT_START", "", "Comma-separated jobs (`run`, `backup`, `push`, `pull-logs`, "
+            "`pull-data`, `verify`) run once when `cron` starts, before the schedule."),
     # --- alerts and logging (every role) ---
     Setting("SMTP_HOST", "", "Mail server for alerts; empty: alerts are only logged."),
     Setting("SMTP_PORT", "25", "Mail server port (25, 587 for STARTTLS, 465 for TLS)."),
@@ -221,6 +233,12 @@ class GatewayConfig:
     data_user: str
     log_user: str
     rrsync: str
+
+
+@dataclass(frozen=True)
+class CronConfig:
+    schedules: tuple[tuple[str, str], ...]  # (job, cron expression), in declaration order
+    at_start: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -559,6 +577,43 @@ def parse_source(values: Mapping[str, str], push: bool = False) -> SourceConfig:
     if p.problems:
         raise ConfigError(p.problems)
     return config
+
+
+CRON_JOBS = {SOURCE: ("run", "backup", "push", "verify"),
+             SINK: ("pull-logs", "pull-data", "verify")}
+
+
+def parse_cron(values: Mapping[str, str], role: str) -> CronConfig:
+    """The schedules of `role`'s jobs. Raise ConfigError for an invalid cron expression, an
+    unknown job to run at start, or no job scheduled at all."""
+    from croniter import croniter
+
+    p = _Parser(values)
+    schedules = []
+    for job in CRON_JOBS[role]:
+        env = "CRON_" + job.upper().replace("-", "_")
+
+        def convert(value: str) -> str:
+            if value and not croniter.is_valid(value):
+                raise ValueError
+            return value
+        expression = p.check(env, convert, "use a cron expression such as `0 2 * * *` (UTC)", "")
+        if expression:
+            schedules.append((job, expression))
+
+    def jobs(value: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in value.split(",") if n.strip())
+        if any(n not in CRON_JOBS[role] for n in names):
+            raise ValueError
+        return names
+    at_start = p.check("CRON_AT_START", jobs,
+                       f"use comma-separated jobs of the {role}: {', '.join(CRON_JOBS[role])}", ())
+    if not schedules and not at_start and not p.problems:
+        p.problems.append(f"CRON_*: no job is scheduled; set at least one of "
+                          f"{', '.join('CRON_' + j.upper().replace('-', '_') for j in CRON_JOBS[role])}")
+    if p.problems:
+        raise ConfigError(p.problems)
+    return CronConfig(tuple(schedules), at_start)
 
 
 # ---------------------------------------------------------------- the one I/O check

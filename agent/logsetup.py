@@ -1,10 +1,14 @@
-"""Logging to standard error, as plain lines or JSON lines."""
+"""Logging to standard error (standard output under `cron`), as plain lines or JSON lines."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+from typing import TextIO
+
+_stream: TextIO = sys.stderr
 
 
 class _JsonFormatter(logging.Formatter):
@@ -16,8 +20,14 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(body)
 
 
+def send_to(stream: TextIO) -> None:
+    """Send the log of this process, also of jobs configured later, to `stream`."""
+    global _stream
+    _stream = stream
+
+
 def configure(level: str = "INFO", fmt: str = "plain") -> None:
-    handler = logging.StreamHandler()
+    handler = logging.StreamHandler(_stream)
     if fmt == "json":
         formatter: logging.Formatter = _JsonFormatter()
     else:
