@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
+import resource
+import socket
+import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20
 
 
@@ -106,3 +113,184 @@ def docker_with_image(image: str):  # -> docker.DockerClient | None
 def interrupt(signum: int, _frame: object) -> None:
     """A SIGTERM handler that raises KeyboardInterrupt, so that the cleanup runs."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ---------------------------------------------------------------- the mixed data set
+
+
+@dataclass
+class DataSet:
+    root: Path
+    files: int = 0
+    bytes: int = 0
+    parts: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{self.files} files, {self.bytes / MiB:.0f} MiB"
+
+
+def make_data_set(root: Path, size_gib: float, content: Content) -> DataSet:
+    """Fill `root` with ~size_gib GiB: one large file (first half random, second half text),
+    ~5000 small files of 1-64 KiB (nested, half text, half random), 16 MiB medium files
+    (alternating random and text MiB) up to the size, and ~50 MiB of rotated text logs."""
+    total = int(size_gib * (1 << 30))
+    ds = DataSet(root)
+    large = int(560 * MiB * size_gib) // MiB * MiB
+    half = large // 2
+    ds.bytes += write_chunked(root / "large.bin", itertools.chain(
+        (content.random(min(4 * MiB, half - o)) for o in range(0, half, 4 * MiB)),
+        (content.text(min(4 * MiB, large - o)) for o in range(half, large, 4 * MiB))))
+    ds.files += 1
+    ds.parts.append(f"one {large / MiB:.0f} MiB file (first half random, second half text)")
+
+    small_count, small_bytes = max(50, round(5000 * size_gib)), 0
+    for index in range(small_count):
+        folder = root / "small" / f"d{index % 50:02d}" / f"s{index // 50 % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        binary = content.rng.random() < 0.5
+        size = content.rng.randint(KiB, 64 * KiB)
+        (folder / f"file-{index:06d}.{'bin' if binary else 'txt'}").write_bytes(
+            content.random(size) if binary else content.text(size))
+        small_bytes += size
+    ds.files += small_count
+    ds.bytes += small_bytes
+    ds.parts.append(f"{small_count} small files of 1-64 KiB ({small_bytes / MiB:.0f} MiB, "
+                    "nested, half text, half random)")
+
+    log_size, rotated = int(50 * MiB * size_gib), 10
+    (root / "logs").mkdir()
+    for index in range(rotated):
+        name = "app.log" if index == 0 else f"app.log.{index}"
+        ds.bytes += write_chunked(root / "logs" / name, [content.text(log_size // rotated)])
+    ds.files += rotated
+    ds.parts.append(f"{log_size / MiB:.0f} MiB of text logs in {rotated} rotated files "
+                    "(the application appends to logs/app.log)")
+
+    (root / "medium").mkdir()
+    count = max(0, round((total - ds.bytes) / (16 * MiB)))
+    for index in range(count):
+        ds.bytes += write_chunked(root / "medium" / f"table-{index:02d}.db", (
+            content.random(MiB) if block % 2 == 0 else content.text(MiB) for block in range(16)))
+    ds.files += count
+    ds.parts.append(f"{count} files of 16 MiB (alternating random and text MiB) filling up "
+                    "to the size")
+    return ds
+
+
+# ---------------------------------------------------------------- measuring
+
+
+class CpuMeter:
+    """CPU seconds used between start() and stop() by this process (client threads), its
+    waited-for children (the agent, restic and what they run) and the SeaweedFS process."""
+
+    def __init__(self, weed_pid: int) -> None:
+        self.weed_pid = weed_pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _weed(self) -> float:
+        fields = Path(f"/proc/{self.weed_pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(v) for v in fields[11:15]) / self.tick  # utime stime cutime cstime
+
+    def _children(self) -> float:
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime
+
+    def _busy(self) -> float:
+        """CPU seconds all cores spent busy (user, nice, system, irq, softirq, steal)."""
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+        return (user + nice + system + irq + softirq + steal) / self.tick
+
+    def start(self) -> None:
+        self.t0 = (time.process_time(), self._children(), self._weed(), self._busy(),
+                   time.perf_counter())
+
+    def stop(self) -> Cpu:
+        own, children, weed, busy, wall = self.t0
+        client = time.process_time() - own + self._children() - children
+        weed = self._weed() - weed
+        other = max(0.0, self._busy() - busy - client - weed)
+        return Cpu(client=client, weed=weed, other=other, wall=time.perf_counter() - wall)
+
+
+@dataclass
+class Cpu:
+    client: float
+    weed: float
+    other: float
+    wall: float
+
+    def describe(self) -> str:
+        return f"{self.client:.1f} / {self.weed:.1f} / {self.other:.1f} s"
+
+
+def throughput(size: int, seconds: float) -> float:
+    """MiB/s."""
+    return size / MiB / seconds
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one thing; the median counts."""
+
+    title: str
+    walls: list[float] = field(default_factory=list)
+    cpus: list[Cpu] = field(default_factory=list)
+    info: str = ""
+
+    def add(self, seconds: float, cpu: Cpu) -> None:
+        self.walls.append(seconds)
+        self.cpus.append(cpu)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls)
+
+    def time_cell(self) -> str:
+        if len(self.walls) == 1:
+            return f"{self.walls[0]:.2f} s"
+        return f"{self.median:.2f} s ({min(self.walls):.2f}-{max(self.walls):.2f})"
+
+    def cpu_cell(self) -> str:
+        med = lambda values: statistics.median(values)  # noqa: E731
+        return (f"{med(c.client for c in self.cpus):.1f} / {med(c.weed for c in self.cpus):.1f}"
+                f" / {med(c.other for c in self.cpus):.1f} s")
+
+
+# ---------------------------------------------------------------- SeaweedFS and versions
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def running_weeds() -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if (proc / "comm").read_text().strip() == "weed" and state != "Z":
+                    found.append(f"{proc.name}: "
+                                 + (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:
+                continue
+    return found
+
+
+def agent_revision() -> str:
+    """The commit the agent was run from, and whether agent/ had uncommitted changes."""
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    return f"commit {commit}" + (" + uncommitted changes in agent/"
+                                 if git("status", "--porcelain", "--", "agent") else "")
+
+
+def weed_version() -> str:
+    out = subprocess.run(["weed", "version"], capture_output=True, text=True).stdout.split()
+    return f"SeaweedFS {out[2]}" if len(out) > 2 else "SeaweedFS"
