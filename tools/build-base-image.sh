@@ -8,12 +8,14 @@ set -euo pipefail
 
 TAG="${1:-backup-agent-base:bookworm}"
 SUITE="bookworm"
-PACKAGES="ca-certificates,tar,zstd,rsync,openssh-server,openssh-client,procps,tzdata,python3"
+PACKAGES="ca-certificates,tar,zstd,rsync,openssh-server,openssh-client,procps,tzdata,python3,python3-venv,passwd"
 
 die() { echo "build-base-image: $*" >&2; exit 1; }
 
-# Idempotent: nothing to do if the image already exists.
-if docker image inspect "$TAG" >/dev/null 2>&1; then
+# Idempotent: nothing to do if the image already exists (with venv, which the agent images
+# need; older builds of this script did not include it).
+if docker image inspect "$TAG" >/dev/null 2>&1 \
+        && docker run --rm "$TAG" python3 -c 'import ensurepip' >/dev/null 2>&1; then
     echo "Image $TAG already exists; nothing to do."
     exit 0
 fi
