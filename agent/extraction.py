@@ -109,6 +109,17 @@ class MemberPolicy:
                                "archive)")
 
 
+def _check_one_name(member: tarfile.TarInfo) -> None:
+    """Refuse a member whose PAX records give it two names: GNU tar extracts it by its
+    `GNU.sparse.name`, Python's tarfile reads the last record, so the policy would check a name
+    tar does not write."""
+    names = {member.pax_headers[key].rstrip("/") for key in ("path", "GNU.sparse.name")
+             if key in member.pax_headers}
+    if len(names | {member.name.rstrip("/")}) > 1:
+        raise UnsafeMember(f"{member.name!r}: the archive gives it two names "
+                           f"({', '.join(sorted(map(repr, names)))})")
+
+
 def member_kind(member: tarfile.TarInfo) -> str:
     if member.issym():
         return "symlink"
@@ -232,6 +243,7 @@ class _Checker:
             archive = tarfile.open(fileobj=self, mode="r:")  # type: ignore[call-overload]
             while (member := archive.next()) is not None:
                 archive.members.clear()  # memory stays flat whatever the number of members
+                _check_one_name(member)
                 self._policy.check(member.name, member_kind(member), member.linkname)
             self.seek(1 << 62)  # the end-of-archive blocks, and any rest of the stream
         except UnsafeMember as exc:

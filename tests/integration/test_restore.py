@@ -47,6 +47,11 @@ def make_realistic_tree(root: Path) -> None:
         handle.write(b"middle")
         handle.seek(256 * MiB - 3)
         handle.write(b"end")
+    long_dir = root / ("d" * 60) / ("e" * 80)  # names longer than a tar header holds
+    long_dir.mkdir(parents=True)
+    with open(long_dir / ("f" * 90 + ".img"), "wb") as handle:
+        handle.truncate(8 * MiB)
+        handle.write(b"start")
     os.chmod(root / "uploads" / "photo one.jpg", 0o4755)
     os.utime(root / "uploads" / "photo one.jpg", ns=(1_600_000_000_123_456_789,) * 2)
     os.utime(root / "db" / "base", ns=(1_500_000_000_987_654_321,) * 2)

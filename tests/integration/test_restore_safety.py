@@ -321,9 +321,6 @@ def test_a_directory_written_through_a_relative_symbolic_link_is_refused(scene):
     assert_refused_untouched(scene, before, result, names=repr(name))
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: Python's tarfile names a member by the "
-                   "last of its `path` and `GNU.sparse.name` PAX records, GNU tar by "
-                   "`GNU.sparse.name`; the policy checks a name tar does not extract")
 def test_a_symbolic_link_renamed_by_a_gnu_sparse_name_record_is_refused(scene):
     # tarfile sees a link deep below the data path that resolves inside it; GNU tar creates
     # it at the top of the data path, where the same target resolves outside
