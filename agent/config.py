@@ -60,8 +60,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("COMPOSE_PROJECT", "", "When set, only containers of this compose project are stopped "
             "or receive pre/post commands, so two stacks on one host leave each other alone.", (SOURCE,)),
     Setting("QUIESCE_MODE", "stop", "`stop` the application's containers, or `pause` them "
-            "(freezes processes; the application cannot flush on shutdown).", (SOURCE,)),
-    Setting("STOP_TIMEOUT", "10", "Seconds Docker waits for a container to stop before killing it.",
+            "(freezes processes; the application cannot flush on shutdown); `signal`: SIGSTOP the "
+            "processes matching SIGNAL_PROCESSES (a sidecar sharing the application's process "
+            "namespace; no Docker API); `scale`: scale the Kubernetes workloads K8S_WORKLOADS to "
+            "0 and back.", (SOURCE,)),
+    Setting("STOP_TIMEOUT", "10", "Seconds to wait for the application to stop: Docker waits this "
+            "long before killing a container; `signal`: for the processes to reach the stopped "
+            "state; `scale`: at least this long (longer when their "
+            "terminationGracePeriodSeconds is) for the workloads' pods to be gone.", (SOURCE,)),
+    Setting("SIGNAL_PROCESSES", "", "`signal` mode: a regular expression searched in each "
+            "process's command line (`/proc/<pid>/cmdline`, arguments joined by spaces); the "
+            "matching processes and their children are stopped, never the agent itself, its "
+            "parents or children, or PID 1.", (SOURCE,)),
+    Setting("K8S_NAMESPACE", "", "`scale` mode: the namespace of K8S_WORKLOADS; empty: the pod's "
+            "own namespace in a cluster, else the kubeconfig context's (KUBECONFIG).", (SOURCE,)),
+    Setting("K8S_WORKLOADS", "", "`scale` mode: comma-separated `deployment/<name>` or "
+            "`statefulset/<name>` scaled to 0 while the data is collected and back afterwards; the "
+            "replica count is kept in their annotation `backup-agent/replicas` until then.",
             (SOURCE,)),
     Setting("COLLECT_MODE", "mirror", "`mirror`: keep a mirror in the handover, updated while the "
             "application runs, so the stop only covers the changes; `direct`: no mirror, archive "
@@ -164,6 +179,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SETTINGS_BY_ENV = {s.env: s for s in SETTINGS}
+VERBATIM = {"SIGNAL_PROCESSES"}  # a space at either end of a regular expression matters
 
 SOURCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")
@@ -178,6 +194,17 @@ class LabelSelector:
 
     def docker_filter(self) -> str:
         return self.key if self.value is None else f"{self.key}={self.value}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A Kubernetes workload the `scale` quiescer scales to 0 and back."""
+
+    kind: str  # deployment | statefulset
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}/{self.name}"
 
 
 @dataclass(frozen=True)
@@ -219,6 +246,9 @@ class SourceConfig:
     handover_alert_count: int
     log_level: str = "INFO"
     log_format: str = "plain"
+    signal_processes: str = ""
+    k8s_namespace: str = ""
+    k8s_workloads: tuple[Workload, ...] = ()
     all_paths: tuple[Path, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -309,7 +339,8 @@ class _Parser:
 
     def raw(self, env: str) -> str:
         setting = SETTINGS_BY_ENV[env]
-        value = self.values.get(env, setting.default).strip()
+        value = self.values.get(env, setting.default)
+        value = value if env in VERBATIM else value.strip()
         if setting.required and not value:
             self.problems.append(f"{env}: required; {setting.help}")
         return value
@@ -525,6 +556,41 @@ def check_sink_paths(config: SinkConfig) -> None:
         raise ConfigError(problems)
 
 
+QUIESCE_MODES = ("stop", "pause", "signal", "scale")
+K8S_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+K8S_OBJECT_RE = re.compile(r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+                           r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+WORKLOAD_KINDS = ("deployment", "statefulset")
+
+
+def parse_process_pattern(text: str) -> str:
+    """Given a regular expression for SIGNAL_PROCESSES, return it. Raise ValueError if it does
+    not compile or matches every command line (the empty string)."""
+    if not text:
+        return ""
+    try:
+        compiled = re.compile(text)
+    except re.error as exc:
+        raise ValueError(text) from exc
+    if compiled.search(""):
+        raise ValueError(text)
+    return text
+
+
+def parse_workloads(text: str) -> tuple[Workload, ...]:
+    """Given `kind/name,...` (kinds: deployment, statefulset), return the workloads. Raise
+    ValueError if one is malformed or repeats."""
+    workloads = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        kind, sep, name = item.partition("/")
+        if not sep or kind not in WORKLOAD_KINDS or not K8S_OBJECT_RE.match(name):
+            raise ValueError(item)
+        workloads.append(Workload(kind, name))
+    if len(set(workloads)) != len(workloads):
+        raise ValueError("a workload repeats")
+    return tuple(workloads)
+
+
 def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a.is_relative_to(b) or b.is_relative_to(a)
 
@@ -542,7 +608,7 @@ def parse_source(values: Mapping[str, str], push: bool = False) -> SourceConfig:
         stop_label=p.selector("STOP_LABEL"),
         compose_project=p.pattern("COMPOSE_PROJECT", re.compile(r"^[a-z0-9][a-z0-9_-]*$"),
                                   "use a compose project name (lowercase letters, digits, `_`, `-`)"),
-        quiesce_mode=p.choice("QUIESCE_MODE", ("stop", "pause")),
+        quiesce_mode=p.choice("QUIESCE_MODE", QUIESCE_MODES),
         stop_timeout=p.integer("STOP_TIMEOUT", 0, 3600),
         collect_mode=p.choice("COLLECT_MODE", ("mirror", "direct")),
         pre_command_label=p.label_key("PRE_COMMAND_LABEL"),
@@ -562,7 +628,24 @@ def parse_source(values: Mapping[str, str], push: bool = False) -> SourceConfig:
         handover_alert_count=p.integer("HANDOVER_ALERT_COUNT", 0),
         log_level=p.choice("LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
         log_format=p.choice("LOG_FORMAT", ("plain", "json")),
+        signal_processes=p.check("SIGNAL_PROCESSES", parse_process_pattern,
+                                 "use a regular expression (Python syntax) that matches the "
+                                 "application's command lines and not an empty one, e.g. "
+                                 "`^nginx: `", ""),
+        k8s_namespace=p.pattern("K8S_NAMESPACE", K8S_NAME_RE,
+                                "use a namespace name (lowercase letters, digits, `-`)"),
+        k8s_workloads=p.check("K8S_WORKLOADS", parse_workloads,
+                              "use comma-separated `deployment/<name>` or `statefulset/<name>`, "
+                              "each once", ()),
     )
+    named = {problem.split(":", 1)[0] for problem in p.problems}
+    for mode, env, missing, fix in (
+            ("signal", "SIGNAL_PROCESSES", not config.signal_processes,
+             "give a regular expression that matches the application's command lines"),
+            ("scale", "K8S_WORKLOADS", not config.k8s_workloads,
+             "name the workloads, e.g. `deployment/shop,statefulset/db`")):
+        if config.quiesce_mode == mode and missing and env not in named:
+            p.problems.append(f"{env}: required with QUIESCE_MODE={mode}; {fix}")
     paths = list(config.all_paths)
     for i, a in enumerate(paths):
         for b in paths[i + 1:]:

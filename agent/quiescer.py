@@ -4,6 +4,11 @@ starts them again.
 Before it stops anything it writes a record of what it is about to stop, so a run that was
 killed is repaired by the next one (`reconcile`). It restarts exactly the containers this run
 stopped, in reverse order.
+
+`QUIESCE_MODE` chooses the quiescer (`open_quiescer`): `stop` and `pause` are the Docker one
+here; `signal` (SIGSTOP of the application's processes from a sidecar, `quiescer_signal`) and
+`scale` (Kubernetes workloads scaled to 0, `quiescer_scale`) have the same interface:
+`select`, `quiesce`, `resume`, `reconcile`, `run_label_commands`, `nothing_selected`, `verb`.
 """
 
 from __future__ import annotations
@@ -17,13 +22,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, Protocol
 
 import docker
 import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 
-from agent.config import LabelSelector
+from agent.config import LabelSelector, SourceConfig
 from agent.interrupts import InterruptGuard
 from agent.manifest import fsync_dir
 from agent.steps import Job
@@ -54,6 +60,72 @@ def connect(docker_host: str, stop_timeout: int) -> docker.DockerClient:
     return client
 
 
+class AppQuiescer(Protocol):
+    """What `application_stopped` and its callers need of a quiescer, whatever its mode."""
+
+    @property
+    def verb(self) -> str: ...
+
+    def select(self, selector: LabelSelector, project: str) -> list[Any]: ...
+
+    def nothing_selected(self, selector: LabelSelector) -> str: ...
+
+    def quiesce(self, selected: list[Any]) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def reconcile(self) -> list[str]: ...
+
+    def run_label_commands(self, label: str, project: str) -> list[str]: ...
+
+
+TARGETS = {"stop": "the Docker engine", "pause": "the Docker engine",
+           "signal": "the application's processes", "scale": "the Kubernetes API"}
+
+
+def open_quiescer(config: SourceConfig, record_path: Path) -> AppQuiescer:
+    """Return the quiescer of `config.quiesce_mode`, keeping its crash-safe record at
+    `record_path`. Raise DockerUnavailable (or the mode's own error) naming the cause and the
+    fix when what it works through cannot be reached."""
+    if config.quiesce_mode == "signal":
+        from agent.quiescer_signal import SignalQuiescer
+        return SignalQuiescer(record_path, config.signal_processes, config.stop_timeout)
+    if config.quiesce_mode == "scale":
+        from agent.quiescer_scale import ScaleQuiescer
+        return ScaleQuiescer(record_path, config.k8s_namespace, config.k8s_workloads,
+                             config.stop_timeout)
+    return Quiescer(connect(config.docker_host, config.stop_timeout), record_path,
+                    config.quiesce_mode, config.stop_timeout)
+
+
+def write_record(path: Path, body: dict[str, Any]) -> None:
+    """Write a quiescer's record atomically and durably (temp file, fsync, rename, fsync of
+    the directory): it must be on disk before anything is stopped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(body, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_record(path: Path, modes: tuple[str, ...]) -> dict[str, Any] | None:
+    """Return the record a killed run left at `path`, or None. Raise RuntimeError (the record
+    is kept) if another QUIESCE_MODE wrote it: only that mode knows how to undo it."""
+    try:
+        record: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    mode = record.get("mode", "stop")
+    if mode not in modes:
+        raise RuntimeError(f"{path} was left by a run with QUIESCE_MODE={mode}, which was "
+                           f"interrupted with the application quiesced; run the agent once with "
+                           f"QUIESCE_MODE={mode} to bring the application back, then switch")
+    return record
+
+
 @dataclass(frozen=True)
 class Stopped:
     id: str
@@ -71,6 +143,13 @@ class Quiescer:
         self.stop_timeout = stop_timeout
         self.stopped: list[Stopped] = []
         self._settle_until = 0.0
+
+    @property
+    def verb(self) -> str:
+        return "pause" if self.mode == "pause" else "stop"
+
+    def nothing_selected(self, selector: LabelSelector) -> str:
+        return f"no running container has the label {selector.docker_filter()}"
 
     # -- selecting
 
@@ -149,11 +228,10 @@ class Quiescer:
         asked for, so containers still running are watched until the record is older than the
         stops could take. Raise RuntimeError if one cannot be started (the record is kept for
         the next try)."""
-        try:
-            record = json.loads(self.record_path.read_text())
-            written = self.record_path.stat().st_mtime
-        except FileNotFoundError:
+        record = read_record(self.record_path, ("stop", "pause"))
+        if record is None:
             return []
+        written = self.record_path.stat().st_mtime
         entries = [Stopped(e["id"], e["name"]) for e in record["containers"]]
         logger.warning("an earlier run was interrupted with the application quiesced; "
                        "starting %s again", ", ".join(e.name for e in entries) or "nothing")
@@ -164,16 +242,8 @@ class Quiescer:
         return [e.name for e in entries]
 
     def _write_record(self, entries: list[Stopped]) -> None:
-        self.record_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.record_path.with_suffix(".tmp")
-        body = {"mode": self.mode, "stop_timeout": self.stop_timeout,
-                "containers": [e.__dict__ for e in entries]}
-        with open(tmp, "w") as handle:
-            json.dump(body, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.record_path)
-        fsync_dir(self.record_path.parent)
+        write_record(self.record_path, {"mode": self.mode, "stop_timeout": self.stop_timeout,
+                                        "containers": [e.__dict__ for e in entries]})
 
 
 def _start(client: docker.DockerClient, entry: Stopped, settle_until: float) -> None:
@@ -224,19 +294,19 @@ class Window:
 
 
 @contextmanager
-def application_stopped(quiescer: Quiescer, selector: LabelSelector, project: str,
+def application_stopped(quiescer: AppQuiescer, selector: LabelSelector, project: str,
                         guard: InterruptGuard, job: Job) -> Iterator[Window]:
     """1.a stop the application for the block; 1.c start it again whatever happens."""
     window = Window(datetime.now(UTC))
     started = time.monotonic()
     try:
         with job.step("1.a stop the application"):
-            containers = quiescer.select(selector, project)
-            if not containers:
-                logger.warning("no running container has the label %s; going on without "
-                               "stopping anything", selector.docker_filter())
+            selected = quiescer.select(selector, project)
+            if not selected:
+                logger.warning("%s; going on without stopping anything",
+                               quiescer.nothing_selected(selector))
             window.stopped_at = datetime.now(UTC)
-            quiescer.quiesce(containers)
+            quiescer.quiesce(selected)
         yield window
     finally:
         with guard.shielded(), job.step("1.c start the application"):

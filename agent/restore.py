@@ -30,7 +30,7 @@ from agent.extraction import MemberPolicy, Target, extract
 from agent.handover import Handover
 from agent.interrupts import InterruptGuard
 from agent.manifest import Manifest, fsync_dir
-from agent.quiescer import Quiescer, application_stopped, connect
+from agent.quiescer import application_stopped, open_quiescer
 from agent.steps import Job
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,7 @@ def restore(config: SourceConfig, plan: Plan, guard: InterruptGuard) -> RestoreR
     handover = Handover(config.handover_dir)
     with job.step("reconcile: finish or roll back an interrupted restore"):
         reconcile(handover, config.data_paths)
-    quiescer = Quiescer(connect(config.docker_host, config.stop_timeout),
-                        handover.quiesce_record, config.quiesce_mode, config.stop_timeout)
+    quiescer = open_quiescer(config, handover.quiesce_record)
     with job.step("reconcile: start containers an interrupted run left stopped"):
         quiescer.reconcile()
     targets = [Target(path / STAGING, mirror.member_name(path)) for path in plan.paths]
@@ -216,18 +215,16 @@ def _restore_into_directory(plan: Plan, result: RestoreResult, job: Job) -> Rest
 
 def _describe(config: SourceConfig, plan: Plan) -> None:
     m = plan.manifest
-    quiescer = Quiescer(connect(config.docker_host, config.stop_timeout),
-                        Handover(config.handover_dir).quiesce_record, config.quiesce_mode,
-                        config.stop_timeout)
-    containers = quiescer.select(config.stop_label, config.compose_project)
+    quiescer = open_quiescer(config, Handover(config.handover_dir).quiesce_record)
+    selected = quiescer.select(config.stop_label, config.compose_project)
     print(f"would restore data generation {m.generation} of {m.source_id} from {plan.store.url} "
           f"(archive {plan.expected.size} bytes, created {m.created_at})")
     for path in plan.paths:
         entries = len(_entries(path))
         print(f"  {path}: unpack into {path / STAGING} and verify while the application runs, "
               f"then replace its {entries} entries")
-    verb = "pause" if config.quiesce_mode == "pause" else "stop"
-    print(f"  {verb} for the swap: {', '.join(c.name for c in containers) or 'no container'}")
+    print(f"  {quiescer.verb} for the swap: "
+          f"{', '.join(s.name for s in selected) or quiescer.nothing_selected(config.stop_label)}")
     print("nothing was changed (dry run)")
 
 

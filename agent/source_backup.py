@@ -19,7 +19,7 @@ from agent.config import SourceConfig
 from agent.handover import Handover
 from agent.interrupts import InterruptGuard
 from agent.manifest import FileEntry, Manifest
-from agent.quiescer import Quiescer, application_stopped, connect
+from agent.quiescer import TARGETS, AppQuiescer, application_stopped, open_quiescer
 from agent.stores.local import LocalStore
 from agent.steps import Job, StepFailed
 
@@ -51,9 +51,8 @@ def backup(config: SourceConfig, guard: InterruptGuard) -> BackupResult:
 
 def _backup(config: SourceConfig, handover: Handover, guard: InterruptGuard) -> BackupResult:
     job = Job(JOB)
-    with job.step("connect to the Docker engine"):
-        quiescer = Quiescer(connect(config.docker_host, config.stop_timeout),
-                            handover.quiesce_record, config.quiesce_mode, config.stop_timeout)
+    with job.step(f"connect to {TARGETS[config.quiesce_mode]}"):
+        quiescer = open_quiescer(config, handover.quiesce_record)
     with job.step("reconcile: roll back an interrupted restore, start containers an "
                   "interrupted run left stopped"):
         restore.reconcile(handover, config.data_paths)
@@ -73,7 +72,7 @@ def _backup(config: SourceConfig, handover: Handover, guard: InterruptGuard) -> 
 
 
 def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: InterruptGuard,
-                           quiescer: Quiescer, job: Job) -> BackupResult:
+                           quiescer: AppQuiescer, job: Job) -> BackupResult:
     handover.discard_staging()
     data_staging = handover.fresh_staging("data")
     logs_staging = handover.fresh_staging("logs") if config.log_paths else None
