@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                                run=_source_jobs, jobs=("push",))
     source_jobs.add_parser("run", help="backup, then push (one cron line for push "
                            "sites)").set_defaults(run=_source_jobs, jobs=("backup", "push"))
+    source_jobs.add_parser("reconcile", help="start again what a killed run left stopped and "
+                           "roll back an interrupted restore (every job does it first; `cron` "
+                           "when it starts)").set_defaults(run=_source_jobs, jobs=("reconcile",))
     commands.add_parser("gateway", help="the forced command of the source's sshd: serves "
                         "SSH_ORIGINAL_COMMAND (list, ack, read-only rsync)").set_defaults(
                             run=_gateway)
@@ -155,6 +158,8 @@ def _source_jobs(args: argparse.Namespace) -> int:
         "backup": (source_backup.JOB, lambda guard: source_backup.backup(settings, guard)),
         "push": (push.JOB, lambda guard: push.push(settings, S3Store(settings.s3,
                                                                      settings.source_id), guard)),
+        "reconcile": (source_backup.RECONCILE_JOB,
+                      lambda guard: source_backup.reconcile(settings, guard)),
     }
 
     def run_all(guard: InterruptGuard) -> int:
@@ -391,7 +396,10 @@ def _cron(args: argparse.Namespace) -> int:
         return main(["--env-file", str(args.env_file), *cron.command(job, role)])
 
     scheduler = cron.Scheduler(schedule.schedules, run, cron.Status(status_path))
-    return scheduler.serve(schedule.at_start)
+    # A source agent killed while the application was stopped (its container restarted, e.g.
+    # a sidecar) repairs that now, not at the next tick.
+    first = ("reconcile",) if role == config.SOURCE else ()
+    return scheduler.serve(first + schedule.at_start)
 
 
 def _health(args: argparse.Namespace) -> int:

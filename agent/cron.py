@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # The command line of each job, as `backup-agent` takes it.
 COMMANDS = {
     "run": ("source", "run"), "backup": ("source", "backup"), "push": ("source", "push"),
+    "reconcile": ("source", "reconcile"),
     "pull-logs": ("sink", "pull-logs"), "pull-data": ("sink", "pull-data"),
 }
 _BUSY = 3

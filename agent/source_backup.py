@@ -26,6 +26,7 @@ from agent.steps import Job, StepFailed
 logger = logging.getLogger(__name__)
 
 JOB = "source backup"
+RECONCILE_JOB = "source reconcile"
 
 
 @dataclass
@@ -49,14 +50,32 @@ def backup(config: SourceConfig, guard: InterruptGuard) -> BackupResult:
         raise
 
 
-def _backup(config: SourceConfig, handover: Handover, guard: InterruptGuard) -> BackupResult:
-    job = Job(JOB)
+def reconcile(config: SourceConfig, guard: InterruptGuard) -> list[str]:
+    """Repair what a killed run left: roll back an interrupted restore, start again what it
+    left stopped. Every job does this first; `cron` also does it when it starts, so an agent
+    that was killed with the application stopped does not leave it so until the next tick.
+    Return the names of what was started again. Raise StepFailed naming the failed step."""
+    job = Job(RECONCILE_JOB)
+    _, started = _reconcile(config, Handover(config.handover_dir), job)
+    logger.info("%s done: %s", RECONCILE_JOB,
+                f"started {', '.join(started)} again" if started else "nothing to repair")
+    return started
+
+
+def _reconcile(config: SourceConfig, handover: Handover,
+               job: Job) -> tuple[AppQuiescer, list[str]]:
     with job.step(f"connect to {TARGETS[config.quiesce_mode]}"):
         quiescer = open_quiescer(config, handover.quiesce_record)
     with job.step("reconcile: roll back an interrupted restore, start containers an "
                   "interrupted run left stopped"):
         restore.reconcile(handover, config.data_paths)
-        quiescer.reconcile()
+        started = quiescer.reconcile()
+    return quiescer, started
+
+
+def _backup(config: SourceConfig, handover: Handover, guard: InterruptGuard) -> BackupResult:
+    job = Job(JOB)
+    quiescer, _ = _reconcile(config, handover, job)
     with job.step("check for generations a failed transport left in the handover"):
         _alert_previous_transport_failed(config, handover)
     try:

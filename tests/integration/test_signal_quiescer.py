@@ -161,6 +161,37 @@ def test_a_run_killed_while_the_processes_are_stopped_is_repaired_by_the_next_ru
     assert not (handover / ".state" / "quiesced.json").exists()
 
 
+def test_cron_continues_at_its_start_what_a_killed_run_left_stopped(tagged_app, tmp_path):
+    # A sidecar's container restarts after its agent was killed: `cron` repairs that at its
+    # start, not at the next tick (here: next year).
+    tagged = tagged_app()
+    handover = tmp_path / "handover"
+    env = signal_env(tagged, handover)
+    agent = start_agent(env, "source", "backup")
+    try:
+        wait_until(tagged.stopped, timeout=30)
+        agent.send_signal(signal.SIGKILL)
+        agent.communicate(timeout=10)
+    finally:
+        agent.kill()
+        agent.communicate()
+    tagged.assert_frozen_for(0.5)
+
+    cron = start_agent({**env, "CRON_BACKUP": "0 0 1 1 *"}, "cron", "--role", "source")
+    try:
+        tagged.assert_alive()
+        assert not (handover / ".state" / "quiesced.json").exists()
+        cron.send_signal(signal.SIGTERM)
+        stdout, stderr = cron.communicate(timeout=30)
+    finally:
+        cron.kill()
+        cron.communicate()
+
+    assert cron.returncode == 0, stderr
+    assert "cron: reconcile ended with exit code 0" in stdout + stderr
+    assert generations(handover, "data") == []
+
+
 def test_sigterm_while_the_processes_are_stopped_continues_them(tagged_app, tmp_path):
     tagged = tagged_app()
     handover = tmp_path / "handover"
