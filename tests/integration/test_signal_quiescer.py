@@ -192,6 +192,35 @@ def test_cron_continues_at_its_start_what_a_killed_run_left_stopped(tagged_app, 
     assert generations(handover, "data") == []
 
 
+def test_a_record_of_the_signal_mode_is_left_to_the_signal_mode(tagged_app, tmp_path):
+    # Only the mode that wrote a record knows how to undo it: a run in another mode says so,
+    # fails before it stops anything, and keeps the record for the right one.
+    tagged = tagged_app()
+    handover = tmp_path / "handover"
+    env = signal_env(tagged, handover)
+    agent = start_agent(env, "source", "backup")
+    try:
+        wait_until(tagged.stopped, timeout=30)
+        agent.send_signal(signal.SIGKILL)
+        agent.communicate(timeout=10)
+    finally:
+        agent.kill()
+        agent.communicate()
+
+    other = run_agent({**env, "QUIESCE_MODE": "stop"}, "source", "backup")
+
+    assert other.returncode == 1, other.stderr
+    assert "run the agent once with QUIESCE_MODE=signal" in other.stderr
+    tagged.assert_frozen_for(0.5)
+    assert tagged.app.reload() == "running"  # the Docker mode touched no container
+
+    result = run_agent(env, "source", "reconcile")
+
+    assert result.returncode == 0, result.stderr
+    tagged.assert_alive()
+    assert not (handover / ".state" / "quiesced.json").exists()
+
+
 def test_sigterm_while_the_processes_are_stopped_continues_them(tagged_app, tmp_path):
     tagged = tagged_app()
     handover = tmp_path / "handover"
