@@ -221,7 +221,8 @@ class SignalQuiescer:
         except OSError:  # no pidfd (kernel < 5.3): check, then signal by pid
             fd = -1
         try:
-            if self._state(process) is None:
+            state = self._state(process)
+            if state is None:
                 logger.info("process %s is gone; nothing to signal", process)
                 return False
             if fd >= 0:
@@ -231,6 +232,12 @@ class SignalQuiescer:
             return True
         except ProcessLookupError:
             return False
+        except PermissionError:
+            if signum == signal.SIGCONT and state not in ("T", "t"):
+                return False  # never stopped (the SIGSTOP was refused too): nothing to undo
+            raise RuntimeError(
+                f"may not send {signal.Signals(signum).name} to process {process}: give the "
+                "agent the KILL capability, or run it as the application's user") from None
         finally:
             if fd >= 0:
                 os.close(fd)
@@ -244,7 +251,7 @@ class SignalQuiescer:
             try:
                 if self._signal(process, signal.SIGCONT):
                     logger.info("continued process %s", process)
-            except OSError as exc:
+            except (OSError, RuntimeError) as exc:
                 failures.append(f"{process}: {exc}")
         if failures:
             raise RuntimeError("could not continue: " + "; ".join(failures))

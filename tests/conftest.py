@@ -128,7 +128,8 @@ def make_app(docker_client, base_image):
     made: list[tuple[object, list[object]]] = []
 
     def factory(script: str = APP_SCRIPT, extra_labels: dict[str, str] | None = None,
-                stop_label: bool = True, name_prefix: str = "bt-app", init: bool = False) -> App:
+                stop_label: bool = True, name_prefix: str = "bt-app", init: bool = False,
+                user: str | None = None) -> App:
         tag = uuid.uuid4().hex[:10]
         label = f"backup.test-{tag}"
         volumes = [docker_client.volumes.create(f"bt-{tag}-{kind}") for kind in ("data", "logs")]
@@ -136,7 +137,7 @@ def make_app(docker_client, base_image):
         labels.update(extra_labels or {})
         container = docker_client.containers.run(
             base_image, ["bash", "-c", script], name=f"{name_prefix}-{tag}", detach=True,
-            labels=labels, init=init,
+            labels=labels, init=init, user=user,
             volumes={volumes[0].name: {"bind": "/data"}, volumes[1].name: {"bind": "/logs"}})
         made.append((container, volumes))
         data_dir, logs_dir = (Path(v.attrs["Mountpoint"]) for v in volumes)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import (APP_SCRIPT, ROOT, App, agent_env, run_agent, start_agent,
                             wait_until)
@@ -87,10 +88,16 @@ class Tagged:
 
 @pytest.fixture
 def tagged_app(make_app) -> Iterator[Callable[..., Tagged]]:
-    def factory(**kwargs: object) -> Tagged:
+    def factory(user: int | None = None, **kwargs: object) -> Tagged:
         tag = f"app-{uuid.uuid4().hex[:10]}"
-        app = make_app(f"# {tag}\n{APP_SCRIPT}", **kwargs)
-        (app.data_dir / "random.bin").write_bytes(os.urandom(8 << 20))
+        app = make_app(f"# {tag}\n{APP_SCRIPT}", user=None if user is None else f"{user}:{user}",
+                       **kwargs)
+        random = app.data_dir / "random.bin"
+        random.write_bytes(os.urandom(8 << 20))
+        if user is not None:  # the application's own files, readable by it alone
+            for path in (app.data_dir, app.logs_dir, random):
+                os.chown(path, user, user)
+            random.chmod(0o600)
         tagged = Tagged(app, tag)
         wait_until(lambda: tagged.running() and (app.logs_dir / "app.log").exists(), timeout=10)
         return tagged
@@ -276,7 +283,8 @@ def sidecar(docker_client, base_image, tmp_path):
     backup = tmp_path / "backup"
     backup.mkdir()
 
-    def run(tagged: Tagged, *args: str, **extra: str):
+    def run(tagged: Tagged, *args: str, security: dict[str, object] | None = None,
+            **extra: str):
         python, mounts = python_mounts()
         env = {"SOURCE_ID": "test-source", "DATA_PATHS": "/data", "LOG_PATHS": "/logs",
                "HANDOVER_DIR": "/backup/handover", "SOURCE_STORE_DIR": "/backup/store",
@@ -288,7 +296,7 @@ def sidecar(docker_client, base_image, tmp_path):
             volumes_from=[tagged.app.container.id], working_dir=str(ROOT),
             volumes={**mounts, str(ROOT): {"bind": str(ROOT), "mode": "ro"},
                      str(backup): {"bind": "/backup"}},
-            name=f"bt-sidecar-{uuid.uuid4().hex[:10]}")
+            name=f"bt-sidecar-{uuid.uuid4().hex[:10]}", **(security or {}))
         made.append(container)
         return container
 
@@ -339,3 +347,55 @@ def test_a_sidecar_refuses_to_stop_pid_1_of_its_namespace_and_touches_nothing(ta
     assert "1.a stop the application" in logs
     tagged.assert_alive()
     assert generations(sidecar.handover, "data") == []
+
+
+def manifest_security() -> dict[str, object]:
+    """The securityContext of the sidecar agent in k8s/source-sidecar.yaml, as Docker options."""
+    for document in yaml.safe_load_all((ROOT / "k8s" / "source-sidecar.yaml").read_text()):
+        if document and document["kind"] == "Deployment":
+            for container in document["spec"]["template"]["spec"]["containers"]:
+                if container.get("command", [])[:2] == ["backup-agent", "cron"]:
+                    context = container["securityContext"]
+                    assert context["capabilities"]["drop"] == ["ALL"]
+                    return {"user": str(context["runAsUser"]), "cap_drop": ["ALL"],
+                            "cap_add": context["capabilities"]["add"],
+                            "security_opt": [] if context.get("allowPrivilegeEscalation", True)
+                            else ["no-new-privileges"]}
+    raise AssertionError("no sidecar agent in k8s/source-sidecar.yaml")
+
+
+def test_a_sidecar_with_the_k8s_manifests_capabilities_freezes_an_app_of_another_user(
+        tagged_app, sidecar):
+    # The capabilities k8s/source-sidecar.yaml gives the agent (all others dropped) are enough
+    # to signal another user's processes and to read files only that user may read.
+    tagged = tagged_app(init=True, user=4242)
+    assert (tagged.app.data_dir / "random.bin").stat().st_mode & 0o777 == 0o600
+
+    agent = sidecar(tagged, "source", "backup", security=manifest_security())
+    wait_until(tagged.stopped, timeout=60)
+    tagged.assert_frozen_for(0.3)
+    status = agent.wait(timeout=180)["StatusCode"]
+    logs = agent.logs().decode(errors="replace")
+
+    assert status == 0, logs
+    tagged.assert_alive()
+    [gen] = generations(sidecar.handover, "data")
+    assert (sidecar.handover / "data" / gen / "data.tar.zst").stat().st_size > 8 << 20
+
+
+def test_a_sidecar_without_the_kill_capability_says_so_and_leaves_nothing_stopped(tagged_app,
+                                                                                   sidecar):
+    tagged = tagged_app(init=True, user=4242)
+    security = manifest_security()
+    security["cap_add"] = [c for c in security["cap_add"] if c != "KILL"]
+
+    agent = sidecar(tagged, "source", "backup", security=security)
+    status = agent.wait(timeout=120)["StatusCode"]
+    logs = agent.logs().decode(errors="replace")
+
+    assert status == 1, logs
+    assert "may not send SIGSTOP to process" in logs and "KILL capability" in logs
+    tagged.assert_alive()
+    assert generations(sidecar.handover, "data") == []
+    # Nothing was stopped, so nothing is left for the next run to repair.
+    assert not (sidecar.handover / ".state" / "quiesced.json").exists()
