@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 from agent import generation
 from agent.manifest import InvalidManifest
-from agent.stores.s3 import StoreError
+from agent.stores import StoreError
 from agent.verification import Ledger, Stored
 
 
@@ -26,17 +26,23 @@ class Row:
     last_verified: str
 
 
-def rows(stores: Sequence[Stored], ledger: Ledger, now: datetime | None = None) -> list[Row]:
-    """Every generation of every store, oldest first per store and kind. The size is the sum
-    of the manifest's files (unknown for incomplete generations). Raise StoreError if a store
-    cannot be listed."""
+def rows(stores: Sequence[Stored], ledger: Ledger,
+         now: datetime | None = None) -> tuple[list[Row], list[str]]:
+    """Every generation of every store, oldest first per store and kind, and a line for each
+    store that could not be listed (the others are listed all the same). The size is the sum
+    of the manifest's files (unknown for incomplete generations)."""
     now = now or datetime.now(UTC)
     verified = ledger.load()
-    found = []
+    found: list[Row] = []
+    problems: list[str] = []
     for stored in stores:
         url = stored.store.url
         for kind in generation.KINDS:
-            complete, incomplete = stored.store.generations(kind)
+            try:
+                complete, incomplete = stored.store.generations(kind)
+            except StoreError as exc:
+                problems.append(f"{stored.name} {url}: {exc}")
+                break
             for gen in sorted(complete + incomplete):
                 size = None
                 if gen in complete:
@@ -47,7 +53,7 @@ def rows(stores: Sequence[Stored], ledger: Ledger, now: datetime | None = None) 
                 age = int((now - generation.parse(gen)).total_seconds())
                 found.append(Row(stored.name, url, kind, gen, size, age, gen in complete,
                                  verified.get(Ledger.key(url, kind, gen), "")))
-    return found
+    return found, problems
 
 
 def as_json(found: list[Row]) -> str:

@@ -271,17 +271,18 @@ def _stores(role: str, values: dict[str, str]) -> tuple[list[Stored], Path, Path
 
 def _list(args: argparse.Namespace) -> int:
     from agent import catalog
-    from agent.stores.s3 import StoreError
 
     values = _values(args)
     try:
         stored, ledger, _, _, _ = _stores(_role(args, values), values)
-        found = catalog.rows(stored, Ledger(ledger))
-    except (UsageError, StoreError) as exc:
+    except UsageError as exc:
         print(f"backup-agent: {exc}", file=sys.stderr)
-        return EXIT_CONFIG if isinstance(exc, UsageError) else EXIT_FAILED
+        return EXIT_CONFIG
+    found, problems = catalog.rows(stored, Ledger(ledger))
+    for problem in problems:
+        print(f"backup-agent: cannot list {problem}", file=sys.stderr)
     print(catalog.as_json(found) if args.json else catalog.as_table(found))
-    return EXIT_OK
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -301,7 +302,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _restore(args: argparse.Namespace) -> int:
     from agent import restore
     from agent.handover import Handover
-    from agent.stores.s3 import StoreError
+    from agent.stores import StoreError
 
     settings = config.parse_source(_values(args))
     logsetup.configure(settings.log_level, settings.log_format)

@@ -18,7 +18,7 @@ from typing import TypeVar
 from dotenv import dotenv_values
 
 from agent.retention import Policy
-from agent.stores.s3 import S3Settings
+from agent.stores import S3Settings
 
 T = TypeVar("T")
 

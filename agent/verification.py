@@ -21,7 +21,7 @@ from typing import Protocol
 from agent import generation, manifest
 from agent.manifest import Manifest, fsync_dir
 from agent.steps import Job, StepFailed
-from agent.stores.s3 import StoreError
+from agent.stores import StoreError
 
 logger = logging.getLogger(__name__)
 

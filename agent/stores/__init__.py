@@ -4,11 +4,32 @@ and S3 (the push-mode sink store)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 from agent import retention
 
 logger = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """A store operation failed for good; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str
+    region: str
+    bucket: str
+    prefix: str
+    access_key_id: str
+    secret_access_key: str
+    session_token: str
+    addressing_style: str
+    ca_bundle: str
+    part_size: int
+    concurrency: int
+    retry_seconds: int
 
 
 class Store(Protocol):

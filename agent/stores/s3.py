@@ -27,6 +27,7 @@ from tenacity import (RetryCallState, Retrying, retry_if_exception, stop_after_d
 
 from agent import generation, manifest
 from agent.manifest import Manifest
+from agent.stores import S3Settings, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -44,28 +45,8 @@ _USER_ERRORS = {
 }
 
 
-class StoreError(Exception):
-    """A store operation failed for good; the message names the cause and the fix."""
-
-
 class VerificationFailed(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    endpoint_url: str
-    region: str
-    bucket: str
-    prefix: str
-    access_key_id: str
-    secret_access_key: str
-    session_token: str
-    addressing_style: str
-    ca_bundle: str
-    part_size: int
-    concurrency: int
-    retry_seconds: int
 
 
 @dataclass(frozen=True)
