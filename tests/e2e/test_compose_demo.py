@@ -142,12 +142,13 @@ def test_a_push_cut_off_by_the_s3_store_going_away_is_recovered_by_the_next_run(
 
 def test_a_pull_cut_off_by_the_sink_going_away_is_recovered_by_the_next_pull(stack):
     demo.compose("exec", "-T", "app", "sh", "-c",
-                 "head -c 100000000 /dev/urandom | base64 > /logs/bulk.log")
+                 "head -c 200000000 /dev/urandom | base64 > /logs/bulk.log")
     assert demo.agent("source-agent", "source", "backup").returncode == 0
     pull = background("sink-agent", "backup-agent", "sink", "pull-logs")
+    wait_for_line(pull, "list the logs generations waiting on demo-shop: done")
     deadline = time.monotonic() + 60
-    while demo.compose("exec", "-T", "sink-agent", "sh", "-c",
-                       "find /backup/sink/.incoming -name bulk.log | grep -q .",
+    while demo.compose("exec", "-T", "sink-agent", "sh", "-c",  # rsync's partial file
+                       "find /backup/sink/.incoming -name '*bulk.log*' | grep -q .",
                        check=False).returncode != 0:
         assert time.monotonic() < deadline, "the pull did not start"
         time.sleep(0.1)
