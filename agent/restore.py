@@ -30,7 +30,6 @@ from agent.extraction import MemberPolicy, Target, extract
 from agent.handover import Handover
 from agent.interrupts import InterruptGuard
 from agent.manifest import Manifest, fsync_dir
-from agent.quiescer import application_stopped, open_quiescer
 from agent.steps import Job
 
 logger = logging.getLogger(__name__)
@@ -158,6 +157,8 @@ def restore(config: SourceConfig, plan: Plan, guard: InterruptGuard) -> RestoreR
     handover = Handover(config.handover_dir)
     with job.step("reconcile: finish or roll back an interrupted restore"):
         reconcile(handover, config.data_paths)
+    from agent.quiescer import application_stopped, open_quiescer  # not for --target
+
     quiescer = open_quiescer(config, handover.quiesce_record)
     with job.step("reconcile: start containers an interrupted run left stopped"):
         quiescer.reconcile()
@@ -215,6 +216,8 @@ def _restore_into_directory(plan: Plan, result: RestoreResult, job: Job) -> Rest
 
 def _describe(config: SourceConfig, plan: Plan) -> None:
     m = plan.manifest
+    from agent.quiescer import open_quiescer
+
     quiescer = open_quiescer(config, Handover(config.handover_dir).quiesce_record)
     selected = quiescer.select(config.stop_label, config.compose_project)
     print(f"would restore data generation {m.generation} of {m.source_id} from {plan.store.url} "

@@ -166,6 +166,21 @@ def baseline(title: str, gen: Generation, target: Path, meter: CpuMeter) -> Run:
     return Run(title, cpu.wall, cpu, result.stderr)
 
 
+def baseline_verified(title: str, gen: Generation, target: Path, meter: CpuMeter) -> Run:
+    """What a careful user does by hand: check the archive's sha256 (openssl, which uses the
+    CPU's SHA instructions as the agent's hashlib does), then `zstd -dc | tar -x`."""
+    target.mkdir(parents=True)
+    command = (f"set -o pipefail; test \"$(openssl dgst -sha256 -r '{gen.archive}' | "
+               f"cut -d' ' -f1)\" = '{gen.digest.sha256}' && zstd -dc --no-progress -- "
+               f"'{gen.archive}' | tar -x --numeric-owner -p -C '{target}'")
+    meter.start()
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    cpu = meter.stop()
+    if result.returncode != 0:
+        raise RuntimeError(f"{title} failed (exit {result.returncode}):\n{result.stderr}")
+    return Run(title, cpu.wall, cpu, result.stderr)
+
+
 def agent_restore(title: str, env: dict[str, str], meter: CpuMeter, *args: str) -> Run:
     """`backup-agent restore ARGS` in a fresh process; its wall time and step lines."""
     meter.start()
@@ -286,6 +301,7 @@ class Results:
 
 TITLES = {
     "a": "a. baseline: `zstd -dc | tar -x --numeric-owner -p` into a fresh directory",
+    "v": "v. by hand with verification: `openssl dgst -sha256`, then `zstd -dc | tar -x`",
     "b": "b. `restore --from <local store> --target <fresh dir>`",
     "c": "c. `restore --from s3 --target <fresh dir>`",
     "d": "d. `restore --from <local store>` into the running application's volume: whole job",
@@ -335,7 +351,7 @@ def benchmark(args: argparse.Namespace, work: Path, client, made: list[object],
         floor = statistics.median(stop_start_floor(container) for _ in range(3))
         log(f"docker stop + start of the application alone: {floor:.2f} s")
 
-    keys = ["a", "b", "c"] + ([] if container is None else ["d"])
+    keys = ["a", "v", "b", "c"] + ([] if container is None else ["d"])
     series = {key: Series(TITLES[key]) for key in keys}
     runs: dict[str, list[Run]] = {key: [] for key in keys}
     for index in range(args.repeat):
@@ -346,6 +362,8 @@ def benchmark(args: argparse.Namespace, work: Path, client, made: list[object],
             log(f"{TITLES[key]} [{index + 1}/{args.repeat}]")
             if key == "a":
                 run = baseline(TITLES[key], gen, out, meter)
+            elif key == "v":
+                run = baseline_verified(TITLES[key], gen, out, meter)
             elif key == "b":
                 run = agent_restore(TITLES[key], env, meter, "--from", str(gen.store),
                                     "--target", str(out))
@@ -393,6 +411,7 @@ def report(args: argparse.Namespace, r: Results) -> int:
     info = []
     for key, series in r.series.items():
         notes = {"a": "no hashing, no member checks",
+                 "v": "the archive read twice: once to hash, once to unpack",
                  "b": "sha256 of the archive, tar header checks, GNU tar",
                  "c": f"ranged GETs of {AGENT_PART_MIB} MiB, {AGENT_CONCURRENCY} at once",
                  "d": "unpack and verify beside the running application, swap, start, remove "
@@ -401,6 +420,11 @@ def report(args: argparse.Namespace, r: Results) -> int:
                      f"{throughput(size, series.median):.0f} MiB/s of archive, "
                      f"{throughput(r.ds.bytes, series.median):.0f} MiB/s of data",
                      series.cpu_cell(), notes))
+    verified = r.series["v"]
+    for key in ("b", "c"):
+        info.append((f"{key}. against v (unpacking by hand with verification)",
+                     r.series[key].time_cell(), "", "",
+                     f"{r.series[key].median / verified.median:.2f} x v"))
     for key in ("b", "c"):
         step = statistics.median(sum(seconds for name, seconds in run.steps.items()
                                      if name.startswith("fetch, verify and unpack"))
@@ -417,7 +441,7 @@ def report(args: argparse.Namespace, r: Results) -> int:
                      "as the agent reports it: stop, swap by renames, start"
                      + (f"; docker stop + start alone: {r.floor:.2f} s" if r.floor else "")))
 
-    agents = {key: runs for key, runs in r.runs.items() if key != "a"}
+    agents = {key: runs for key, runs in r.runs.items() if key not in ("a", "v")}
     names: list[str] = []
     for runs in agents.values():
         for run in runs:
