@@ -18,7 +18,8 @@ from agent import __version__, alerts, config, lock, logsetup
 from agent.interrupts import InterruptGuard, Interrupted
 from agent.lock import LockBusy
 from agent.steps import StepFailed
-from agent.verification import Ledger, Stored, VerifiableStore
+from agent.stores import ReadableStore
+from agent.verification import Ledger, Stored
 
 logger = logging.getLogger("agent")
 
@@ -333,7 +334,7 @@ def _restore(args: argparse.Namespace) -> int:
     return _exclusive(Handover(settings.handover_dir).lock_path, run)
 
 
-def _restore_origin(origin: str, settings: config.SourceConfig) -> VerifiableStore:
+def _restore_origin(origin: str, settings: config.SourceConfig) -> ReadableStore:
     from agent.stores.local import LocalStore
     from agent.stores.s3 import S3Store
 

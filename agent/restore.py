@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
 from agent import archive, generation, mirror
 from agent.archive import Digest
@@ -31,6 +30,7 @@ from agent.handover import Handover
 from agent.interrupts import InterruptGuard
 from agent.manifest import Manifest, fsync_dir
 from agent.steps import Job
+from agent.stores import ReadableStore
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +43,6 @@ _OURS = (STAGING, REPLACED)
 class RestoreRefused(Exception):
     """The restore cannot start as asked (no such generation, paths that do not match); nothing
     was touched. The message names the cause and the fix."""
-
-
-class ReadableStore(Protocol):
-    @property
-    def url(self) -> str: ...
-
-    def generations(self, kind: str) -> tuple[list[str], list[str]]: ...
-
-    def read_manifest(self, kind: str, gen: str) -> Manifest: ...
-
-    def chunks(self, kind: str, gen: str, name: str) -> Iterable[bytes | memoryview]: ...
 
 
 @dataclass(frozen=True)

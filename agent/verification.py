@@ -12,16 +12,15 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
 from agent import generation, manifest
 from agent.manifest import Manifest, fsync_dir
 from agent.steps import Job, StepFailed
-from agent.stores import StoreError
+from agent.stores import ReadableStore, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -32,24 +31,13 @@ class VerificationFailed(Exception):
     pass
 
 
-class VerifiableStore(Protocol):
-    @property
-    def url(self) -> str: ...
-
-    def generations(self, kind: str) -> tuple[list[str], list[str]]: ...
-
-    def read_manifest(self, kind: str, gen: str) -> Manifest: ...
-
-    def chunks(self, kind: str, gen: str, name: str) -> Iterable[bytes | memoryview]: ...
-
-
 @dataclass(frozen=True)
 class Stored:
     """One store of generations as a role sees it: what it is called and whose it is."""
 
     name: str  # handover, source store, sink store
     source_id: str
-    store: VerifiableStore
+    store: ReadableStore
 
 
 class Ledger:

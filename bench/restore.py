@@ -155,26 +155,24 @@ def agent_env(data_dir: Path, work: Path, server: S3Server, label: str) -> dict[
 
 def baseline(title: str, gen: Generation, target: Path, meter: CpuMeter) -> Run:
     """`zstd -dc | tar -x` into a fresh directory, as a user would unpack by hand."""
-    target.mkdir(parents=True)
-    command = (f"set -o pipefail; zstd -dc --no-progress -- '{gen.archive}' | "
-               f"tar -x --numeric-owner -p -C '{target}'")
-    meter.start()
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
-    cpu = meter.stop()
-    if result.returncode != 0:
-        raise RuntimeError(f"{title} failed (exit {result.returncode}):\n{result.stderr}")
-    return Run(title, cpu.wall, cpu, result.stderr)
+    return _shell(title, target, meter, f"zstd -dc --no-progress -- '{gen.archive}' | "
+                                        f"tar -x --numeric-owner -p -C '{target}'")
 
 
 def baseline_verified(title: str, gen: Generation, target: Path, meter: CpuMeter) -> Run:
     """What a careful user does by hand: check the archive's sha256 (openssl, which uses the
     CPU's SHA instructions as the agent's hashlib does), then `zstd -dc | tar -x`."""
+    return _shell(title, target, meter,
+                  f"test \"$(openssl dgst -sha256 -r '{gen.archive}' | cut -d' ' -f1)\" = "
+                  f"'{gen.digest.sha256}' && zstd -dc --no-progress -- '{gen.archive}' | "
+                  f"tar -x --numeric-owner -p -C '{target}'")
+
+
+def _shell(title: str, target: Path, meter: CpuMeter, command: str) -> Run:
     target.mkdir(parents=True)
-    command = (f"set -o pipefail; test \"$(openssl dgst -sha256 -r '{gen.archive}' | "
-               f"cut -d' ' -f1)\" = '{gen.digest.sha256}' && zstd -dc --no-progress -- "
-               f"'{gen.archive}' | tar -x --numeric-owner -p -C '{target}'")
     meter.start()
-    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+    result = subprocess.run(["bash", "-c", "set -o pipefail; " + command], capture_output=True,
+                            text=True)
     cpu = meter.stop()
     if result.returncode != 0:
         raise RuntimeError(f"{title} failed (exit {result.returncode}):\n{result.stderr}")

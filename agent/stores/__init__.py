@@ -4,10 +4,12 @@ and S3 (the push-mode sink store)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from agent import retention
+from agent.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +32,19 @@ class S3Settings:
     part_size: int
     concurrency: int
     retry_seconds: int
+
+
+class ReadableStore(Protocol):
+    """A store generations can be read back from: to restore, verify or list them."""
+
+    @property
+    def url(self) -> str: ...
+
+    def generations(self, kind: str) -> tuple[list[str], list[str]]: ...
+
+    def read_manifest(self, kind: str, gen: str) -> Manifest: ...
+
+    def chunks(self, kind: str, gen: str, name: str) -> Iterable[bytes | memoryview]: ...
 
 
 class Store(Protocol):
