@@ -24,6 +24,8 @@ from types import FrameType
 
 from croniter import croniter
 
+from agent import interrupts
+
 logger = logging.getLogger(__name__)
 
 # The command line of each job, as `backup-agent` takes it.
@@ -154,11 +156,11 @@ class Scheduler:
         self.status = status
         self.clock = clock
         self._stopping = threading.Event()
+        self._signal: int | None = None
 
     def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
-        if signum is not None:
-            logger.info("received %s; exiting after the current job",
-                        signal.Signals(signum).name)
+        """Also the SIGTERM/SIGINT handler between jobs; it must not log (see interrupts)."""
+        self._signal = self._signal or signum
         self._stopping.set()
 
     def _run_job(self, job: str) -> None:
@@ -169,8 +171,9 @@ class Scheduler:
         self.status.record(job, started, ended, code)
         logger.info("cron: %s ended with exit code %d after %.1f s", job, code,
                     (ended - started).total_seconds())
-        if code > 128:  # the job was interrupted by a signal: the container is stopping
-            self.stop()
+        signum = interrupts.take_received()
+        if signum is not None or code > 128:  # a signal came during the job: stopping
+            self.stop(signum)
 
     def _reschedule(self, job: str, due: dict[str, datetime], finished: datetime) -> None:
         """After `job` ran: its ticks that passed while it ran are skipped (one run at a time);
@@ -208,5 +211,6 @@ class Scheduler:
                 continue
             self._run_job(job)
             self._reschedule(job, due, self.clock())
-        logger.info("cron: stopped")
+        received = f" on {signal.Signals(self._signal).name}" if self._signal else ""
+        logger.info("cron: stopped%s", received)
         return 0

@@ -37,9 +37,11 @@ class InterruptGuard:
             signal.signal(signum, handler)  # type: ignore[arg-type]
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # No logging here: a handler that writes to a stream the interrupted code is writing
+        # to raises "reentrant call" instead of doing its job.
+        global _received
+        _received = signum
         if self._depth:
-            logger.warning("received %s; finishing the current step first",
-                           signal.Signals(signum).name)
             self._pending = signum
             return
         raise Interrupted(signum)
@@ -54,4 +56,16 @@ class InterruptGuard:
             self._depth -= 1
         if self._depth == 0 and self._pending is not None:
             signum, self._pending = self._pending, None
+            logger.warning("received %s while finishing a step", signal.Signals(signum).name)
             raise Interrupted(signum)
+
+
+_received: int | None = None
+
+
+def take_received() -> int | None:
+    """The last signal a guard received since the last call, if any: how a caller running jobs
+    (cron) learns of one even when the job ended otherwise."""
+    global _received
+    signum, _received = _received, None
+    return signum

@@ -101,8 +101,8 @@ class ScaleQuiescer:
             from kubernetes import client, config
         except ImportError:
             raise KubernetesUnavailable("QUIESCE_MODE=scale needs the Python package "
-                                        "`kubernetes`; install backup-agent with its "
-                                        "dependencies") from None
+                                        "`kubernetes`: install `backup-agent[kubernetes]` "
+                                        "(the source image has it)") from None
         self._in_cluster = True
         try:
             config.load_incluster_config()

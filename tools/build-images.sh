@@ -24,7 +24,7 @@ python3 -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir b
 python3 -m pip download --quiet --disable-pip-version-check --dest build/wheels \
     --only-binary=:all: --python-version "$python_tag" --implementation cp \
     --platform "manylinux2014_$machine" --platform "manylinux_2_17_$machine" \
-    --platform "manylinux_2_28_$machine" build/wheels/backup_agent-*.whl
+    --platform "manylinux_2_28_$machine" "$(echo build/wheels/backup_agent-*.whl)[kubernetes]"
 
 for role in source sink; do
     docker build --quiet --build-arg "BASE_IMAGE=$BASE_IMAGE" -f "Dockerfile.$role" \

@@ -67,7 +67,7 @@ def test_health_reports_a_failed_last_run(make_app, tmp_path):
 
     process = start_agent(env, "cron")
     status = tmp_path / "handover" / ".state" / "cron.json"
-    wait_until(lambda: status.exists() and "exit" in status.read_text(), timeout=60)
+    wait_until(lambda: status.exists() and "backup" in status.read_text(), timeout=60)
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=60)
 
