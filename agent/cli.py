@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent import __version__, alerts, config, lock, logsetup
@@ -122,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
+    except UsageError as exc:
+        print(f"backup-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except config.ConfigError as exc:
         print("backup-agent: invalid configuration (nothing was touched):", file=sys.stderr)
         for problem in exc.problems:
@@ -244,10 +248,19 @@ def _role(args: argparse.Namespace, values: dict[str, str]) -> str:
     return roles[0]
 
 
-def _stores(role: str, values: dict[str, str]) -> tuple[list[Stored], Path, Path, str,
-                                                         config.MailConfig]:
-    """The stores a role keeps generations in, its ledger, its lock, its name for alerts and
-    its mail settings."""
+@dataclass(frozen=True)
+class _RoleStores:
+    """What `list`, `verify` and `health` need of a role: its stores, its ledger, its lock,
+    its name in alerts and its mail settings."""
+
+    stores: list[Stored]
+    ledger: Ledger
+    lock_path: Path
+    name: str
+    mail: config.MailConfig
+
+
+def _role_stores(role: str, values: dict[str, str]) -> _RoleStores:
     from agent import sink
     from agent.handover import Handover
     from agent.stores.local import LocalStore
@@ -258,8 +271,8 @@ def _stores(role: str, values: dict[str, str]) -> tuple[list[Stored], Path, Path
         logsetup.configure(settings.log_level, settings.log_format)
         stored = [Stored("sink store", s.id, LocalStore(settings.store_dir / s.id))
                   for s in settings.sources]
-        return (stored, sink.ledger_path(settings), sink.state_dir(settings) / "agent.lock",
-                "sink", settings.mail)
+        return _RoleStores(stored, Ledger(sink.ledger_path(settings)),
+                     sink.state_dir(settings) / "agent.lock", "sink", settings.mail)
     source = config.parse_source(values)
     logsetup.configure(source.log_level, source.log_format)
     handover = Handover(source.handover_dir)
@@ -267,19 +280,16 @@ def _stores(role: str, values: dict[str, str]) -> tuple[list[Stored], Path, Path
               Stored("source store", source.source_id, LocalStore(source.source_store_dir))]
     if source.s3.bucket:
         stored.append(Stored("sink store", source.source_id, S3Store(source.s3, source.source_id)))
-    return stored, handover.ledger_path, handover.lock_path, source.source_id, source.mail
+    return _RoleStores(stored, Ledger(handover.ledger_path), handover.lock_path, source.source_id,
+                 source.mail)
 
 
 def _list(args: argparse.Namespace) -> int:
     from agent import catalog
 
     values = _values(args)
-    try:
-        stored, ledger, _, _, _ = _stores(_role(args, values), values)
-    except UsageError as exc:
-        print(f"backup-agent: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    found, problems = catalog.rows(stored, Ledger(ledger))
+    role = _role_stores(_role(args, values), values)
+    found, problems = catalog.rows(role.stores, role.ledger)
     for problem in problems:
         print(f"backup-agent: cannot list {problem}", file=sys.stderr)
     print(catalog.as_json(found) if args.json else catalog.as_table(found))
@@ -290,14 +300,11 @@ def _verify(args: argparse.Namespace) -> int:
     from agent import verification
 
     values = _values(args)
-    try:
-        stored, ledger, lock_path, name, mail = _stores(_role(args, values), values)
-    except UsageError as exc:
-        print(f"backup-agent: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    return _exclusive(lock_path, lambda guard: _run_job(
-        verification.JOB, lambda _: verification.verify(stored, Ledger(ledger), args.everything),
-        name, mail, guard))
+    role = _role_stores(_role(args, values), values)
+    return _exclusive(role.lock_path, lambda guard: _run_job(
+        verification.JOB, lambda _: verification.verify(role.stores, role.ledger,
+                                                        args.everything),
+        role.name, role.mail, guard))
 
 
 def _restore(args: argparse.Namespace) -> int:
@@ -385,11 +392,7 @@ def _cron_setup(args: argparse.Namespace) -> tuple[str, config.CronConfig, Path]
 def _cron(args: argparse.Namespace) -> int:
     from agent import cron
 
-    try:
-        role, schedule, status_path = _cron_setup(args)
-    except UsageError as exc:
-        print(f"backup-agent: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    role, schedule, status_path = _cron_setup(args)
     logsetup.send_to(sys.stdout)
     values = _values(args)
     logsetup.configure(values.get("LOG_LEVEL", "INFO"), values.get("LOG_FORMAT", "plain"))
@@ -409,12 +412,9 @@ def _health(args: argparse.Namespace) -> int:
 
     from agent import cron
 
+    _, schedule, status_path = _cron_setup(args)
     try:
-        _, schedule, status_path = _cron_setup(args)
         status = cron.Status(status_path).load()
-    except UsageError as exc:
-        print(f"backup-agent: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
     except (FileNotFoundError, ValueError):
         print(f"unhealthy: no status in {status_path}; is `backup-agent cron` running?")
         return EXIT_FAILED
