@@ -14,7 +14,8 @@ from agent.handover import Handover
 from agent.interrupts import InterruptGuard
 from agent.manifest import Manifest
 from agent.stores.local import LocalStore
-from agent.stores.s3 import S3Store, VerificationFailed
+from agent.stores import VerificationFailed
+from agent.stores.s3 import S3Store
 from agent.steps import Job, StepFailed
 from agent.verification import Ledger
 

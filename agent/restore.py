@@ -59,7 +59,6 @@ class RestoreResult:
     generation: str
     store: str
     paths: list[str]
-    archive_bytes: int
     downtime_seconds: float = 0.0
     previous_kept_in: str = ""
 
@@ -136,8 +135,7 @@ def restore(config: SourceConfig, plan: Plan, guard: InterruptGuard) -> RestoreR
     application is running again in every case."""
     job = Job(JOB)
     m, store = plan.manifest, plan.store
-    result = RestoreResult(m.generation, store.url, [str(p) for p in plan.paths],
-                           plan.expected.size)
+    result = RestoreResult(m.generation, store.url, [str(p) for p in plan.paths])
     if plan.request.target is not None:
         return _restore_into_directory(plan, result, job)
     if plan.request.dry_run:

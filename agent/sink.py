@@ -15,7 +15,8 @@ from pathlib import Path
 from agent import alerts, archive, manifest, stores
 from agent.config import SinkConfig, SourceEndpoint
 from agent.interrupts import Interrupted
-from agent.stores.local import LocalStore, VerificationFailed, verify_directory
+from agent.stores import VerificationFailed
+from agent.stores.local import LocalStore, verify_directory
 from agent.ssh import Gateway
 from agent.steps import Job, StepFailed
 from agent.verification import Ledger

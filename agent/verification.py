@@ -20,15 +20,11 @@ from pathlib import Path
 from agent import generation, manifest
 from agent.manifest import Manifest, fsync_dir
 from agent.steps import Job, StepFailed
-from agent.stores import ReadableStore, StoreError
+from agent.stores import ReadableStore, StoreError, VerificationFailed
 
 logger = logging.getLogger(__name__)
 
 JOB = "verify"
-
-
-class VerificationFailed(Exception):
-    pass
 
 
 @dataclass(frozen=True)

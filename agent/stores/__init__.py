@@ -18,6 +18,10 @@ class StoreError(Exception):
     """A store operation failed for good; the message names the cause and the fix."""
 
 
+class VerificationFailed(Exception):
+    """What a store holds differs from what its manifest or the upload says."""
+
+
 @dataclass(frozen=True)
 class S3Settings:
     endpoint_url: str

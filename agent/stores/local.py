@@ -17,12 +17,9 @@ from pathlib import Path
 
 from agent import archive, generation, manifest
 from agent.manifest import Manifest, fsync_dir
+from agent.stores import VerificationFailed
 
 logger = logging.getLogger(__name__)
-
-
-class VerificationFailed(Exception):
-    pass
 
 
 def verify_directory(directory: Path, m: Manifest) -> None:

@@ -27,7 +27,7 @@ from tenacity import (RetryCallState, Retrying, retry_if_exception, stop_after_d
 
 from agent import generation, manifest
 from agent.manifest import Manifest
-from agent.stores import S3Settings, StoreError
+from agent.stores import S3Settings, StoreError, VerificationFailed
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ _USER_ERRORS = {
     "InvalidBucketName": "fix S3_BUCKET",
     "AuthorizationHeaderMalformed": "check S3_REGION",
 }
-
-
-class VerificationFailed(Exception):
-    pass
 
 
 @dataclass(frozen=True)

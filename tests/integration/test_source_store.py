@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from agent import manifest
-from agent.stores.local import LocalStore, VerificationFailed
+from agent.stores import VerificationFailed
+from agent.stores.local import LocalStore
 from tests.generations import make_generation
 
 GEN = "2026-11-01T00-00-00Z"
