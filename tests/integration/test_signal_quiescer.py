@@ -249,11 +249,13 @@ def test_sigterm_while_the_processes_are_stopped_continues_them(tagged_app, tmp_
 def test_the_agent_never_stops_itself_even_when_the_pattern_matches_it(tagged_app, tmp_path):
     tagged = tagged_app()
     handover = tmp_path / "handover"
-    # The pattern matches the agent's own command line (`python -m agent source backup`) too.
-    env = signal_env(tagged, handover, SIGNAL_PROCESSES=f"{tagged.pattern}|-m agent source",
+    # The pattern matches the agent's own command line too — and only this test's agent: its
+    # --env-file names this test's directory (other agents may run on the same host).
+    own = f"agent-{uuid.uuid4().hex[:8]}.env"
+    env = signal_env(tagged, handover, SIGNAL_PROCESSES=f"{tagged.pattern}|{own}",
                      COLLECT_MODE="mirror", ZSTD_LEVEL="1")
 
-    result = run_agent(env, "source", "backup", timeout=60)
+    result = run_agent(env, "--env-file", str(tmp_path / own), "source", "backup", timeout=60)
 
     assert result.returncode == 0, result.stderr
     assert "stopped process" in result.stderr and "-m agent" not in "\n".join(
