@@ -163,7 +163,7 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
 def _archive(config: SourceConfig, root: Path, staging: Path) -> archive.Digest:
     members = [mirror.member_name(p) for p in config.data_paths]
     return archive.create(root, members, staging / archive.ARCHIVE_NAME,
-                          config.zstd_level, config.zstd_threads)
+                          config.zstd_level, config.zstd_threads).stored
 
 
 def _copy_logs(paths: tuple[Path, ...], root: Path, staging: Path) -> None:
