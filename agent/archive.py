@@ -23,6 +23,8 @@ import zstandard
 from agent import encryption
 
 ARCHIVE_NAME = "data.tar.zst"
+ENCRYPTED_ARCHIVE_NAME = ARCHIVE_NAME + encryption.SUFFIX
+ARCHIVE_NAMES = (ARCHIVE_NAME, ENCRYPTED_ARCHIVE_NAME)
 CHUNK = 1 << 20
 JOB_SIZE = 2 << 20
 TAR_CREATE = ("tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--sparse",

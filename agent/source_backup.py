@@ -139,8 +139,7 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
                  "created_at": window.stopped_at.isoformat().replace("+00:00", "Z"),
                  "downtime_seconds": round(window.downtime, 3), "agent_version": __version__}
         manifest.write(data_staging, Manifest(
-            kind="data", files=(FileEntry(archive.ARCHIVE_NAME, data_digest.size,
-                                          data_digest.sha256),),
+            kind="data", files=(_archive_entry(data_digest),),
             paths=tuple(str(p) for p in config.data_paths), **stamp))
         log_entries: tuple[FileEntry, ...] = ()
         if logs_staging is not None:
@@ -157,13 +156,23 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
     if post_failure is not None:
         raise StepFailed(post_failure.step, post_failure.error,
                          kept=f"generation {gen} was collected and handed over all the same")
-    return BackupResult(gen, window.downtime, data_digest.size, len(log_entries), job.elapsed)
+    return BackupResult(gen, window.downtime, data_digest.stored.size, len(log_entries),
+                        job.elapsed)
 
 
-def _archive(config: SourceConfig, root: Path, staging: Path) -> archive.Digest:
+def _archive(config: SourceConfig, root: Path, staging: Path) -> archive.Archived:
+    """tar → zstd (→ age, with ENCRYPT_RECIPIENTS) into the staging directory, hashed."""
     members = [mirror.member_name(p) for p in config.data_paths]
-    return archive.create(root, members, staging / archive.ARCHIVE_NAME,
-                          config.zstd_level, config.zstd_threads).stored
+    name = archive.ENCRYPTED_ARCHIVE_NAME if config.encrypt_recipients else archive.ARCHIVE_NAME
+    return archive.create(root, members, staging / name, config.zstd_level,
+                          config.zstd_threads, config.encrypt_recipients)
+
+
+def _archive_entry(archived: archive.Archived) -> FileEntry:
+    if archived.plaintext is None:
+        return FileEntry(archive.ARCHIVE_NAME, archived.stored.size, archived.stored.sha256)
+    return FileEntry(archive.ENCRYPTED_ARCHIVE_NAME, archived.stored.size,
+                     archived.stored.sha256, archived.plaintext.size, archived.plaintext.sha256)
 
 
 def _copy_logs(paths: tuple[Path, ...], root: Path, staging: Path) -> None:
