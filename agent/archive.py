@@ -141,6 +141,18 @@ def create(root: Path, members: Sequence[str], target: Path, level: int, threads
     return Archived(writer.digest(), plain.digest() if plain is not None else None)
 
 
+def encrypt_file(source: Path, target: Path, recipients: Sequence[Any]) -> Archived:
+    """Encrypt the file `source` into `target` (durably) in one pass that hashes both. Return
+    the stored (encrypted) and plaintext digests."""
+    with open(source, "rb") as reading, open(target, "wb") as handle:
+        plain = _HashingReader(reading)
+        writer = _HashingWriter(handle)
+        encryption.encrypt(plain, writer, recipients)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Archived(writer.digest(), plain.digest())
+
+
 def hash_file(path: Path) -> Digest:
     """Return the size and sha256 of the file at `path`, read in chunks."""
     with open(path, "rb") as handle:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import agent_env, run_agent
+from tests.integration.test_pull import site  # noqa: F401 - the pull-mode site fixture
 from tests.integration.test_restore import make_realistic_tree, push_env, wipe
 from tests.trees import snapshot
 
@@ -182,3 +183,41 @@ def test_ssh_recipients_work_through_push_and_restore_from_s3(make_app, s3, tmp_
     assert result.returncode == 0, result.stderr
     assert snapshot(app.data_dir) == before
     assert run_agent(env, "verify", "--all").returncode == 0
+
+
+def test_encrypted_logs_and_data_are_pulled_and_verified_on_the_sink_with_its_key(
+        make_app, site, tmp_path):  # noqa: F811
+    app = make_app()
+    make_realistic_tree(app.data_dir)
+    (app.logs_dir / "nested").mkdir()
+    (app.logs_dir / "nested" / "audit.log").write_text("login\n")
+    key, public = age_key(tmp_path / "key.txt")
+    env = agent_env(app, site.handover, site.mail, SOURCE_STORE_DIR=str(site.source_store),
+                    ENCRYPT_RECIPIENTS=public, ENCRYPT_LOGS="true")
+    assert run_agent(env, "source", "backup").returncode == 0
+    [gen] = site.waiting("logs")
+    logs_dir = site.handover / "logs" / gen
+    body = json.loads((logs_dir / "MANIFEST.json").read_text())
+    assert body["files"] and all(f["path"].endswith(".age") and "plaintext_sha256" in f
+                                 for f in body["files"])
+    for entry in body["files"]:
+        plain = subprocess.run(["age", "-d", "-i", str(key), str(logs_dir / entry["path"])],
+                               check=True, capture_output=True).stdout
+        assert hashlib.sha256(plain).hexdigest() == entry["plaintext_sha256"]
+        if entry["path"].endswith("nested/audit.log.age"):
+            assert plain == b"login\n"
+    stored_files = [p for p in logs_dir.rglob("*") if p.is_file()]
+    assert all(p.name.endswith(".age") or p.name == "MANIFEST.json" for p in stored_files)
+
+    data, logs = site.pull("data"), site.pull("logs")
+
+    assert (data.returncode, logs.returncode) == (0, 0), data.stderr + logs.stderr
+    assert site.stored("data") == site.stored("logs") == [gen]
+    with_key = {**site.env, "DECRYPT_IDENTITY_FILE": str(key)}
+    assert run_agent(site.env, "verify", "--all").returncode == 0
+    result = run_agent(with_key, "verify", "--all")
+    assert result.returncode == 0, result.stderr
+    wipe(app.data_dir)
+    restored = run_agent({**env, "DECRYPT_IDENTITY_FILE": str(key)}, "restore",
+                         "--from", str(site.sink_store))
+    assert restored.returncode == 0, restored.stderr
