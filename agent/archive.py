@@ -122,7 +122,9 @@ def create(root: Path, members: Sequence[str], target: Path, level: int, threads
                 writer = _HashingWriter(handle)
                 plain = None
                 if recipients:
-                    plain = _HashingReader(compressor.stream_reader(tar.stdout, read_size=CHUNK))
+                    stream = tar.stdout
+                    assert stream is not None
+                    plain = _HashingReader(compressor.stream_reader(stream, read_size=CHUNK))
                     encryption.encrypt(plain, writer, recipients)
                 else:
                     compressor.copy_stream(tar.stdout, writer, read_size=CHUNK,

@@ -16,8 +16,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-import pyrage
-from pyrage import ssh, x25519
+import pyrage  # type: ignore[import-untyped]
+from pyrage import ssh, x25519  # type: ignore[import-untyped]
 
 SUFFIX = ".age"
 _QUEUE_CHUNKS = 16
@@ -38,7 +38,7 @@ class Readable(Protocol):
 
 def _items(text: str) -> list[str]:
     """Comma- or newline-separated items; blank lines and `#` comments are skipped."""
-    items = []
+    items: list[str] = []
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):

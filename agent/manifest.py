@@ -11,6 +11,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from agent import generation
 
@@ -84,14 +85,14 @@ def _check_sha256(value: object) -> str:
     return value
 
 
-def _file_entry(body: dict[str, object]) -> FileEntry:
+def _file_entry(body: dict[str, Any]) -> FileEntry:
     plain_size, plain_sha256 = body.get("plaintext_size"), body.get("plaintext_sha256")
     if (plain_size is None) != (plain_sha256 is None):
         raise InvalidManifest(f"{body['path']!r}: plaintext_size and plaintext_sha256 come "
                               "together")
-    return FileEntry(check_relative_path(body["path"]), int(body["size"]),  # type: ignore[arg-type,call-overload]
+    return FileEntry(check_relative_path(body["path"]), int(body["size"]),
                      _check_sha256(body["sha256"]),
-                     None if plain_size is None else int(plain_size),  # type: ignore[call-overload]
+                     None if plain_size is None else int(plain_size),
                      None if plain_sha256 is None else _check_sha256(plain_sha256))
 
 

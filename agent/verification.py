@@ -101,7 +101,7 @@ class _Hashing:
         buffer[:len(data)] = data  # type: ignore[index]
         return len(data)
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self.hash.update(data)
         self.size += len(data)
         return len(data)
@@ -173,8 +173,8 @@ class VerifyResult:
 def verify(stores: Sequence[Stored], ledger: Ledger, everything: bool,
            identities: Sequence[object] = ()) -> VerifyResult:
     """Verify the newest complete generation of each kind in each store (`everything`: all of
-    them; `identities`: decrypting encrypted files too), recording every success in `ledger`. Raise StepFailed listing every failure after
-    all were checked."""
+    them; `identities`: decrypting encrypted files too), recording every success in `ledger`.
+    Raise StepFailed listing every failure after all were checked."""
     job = Job(JOB)
     result = VerifyResult()
     for stored in stores:

@@ -78,7 +78,8 @@ class Runs:
         return (f"{self.median:.2f} s (" + ", ".join(f"{s:.2f}" for s in self.seconds) + ")")
 
 
-def archive_once(root: Path, member: str, target: Path, recipients: str) -> tuple[dict, float, float]:
+def archive_once(root: Path, member: str, target: Path,
+                 recipients: str) -> tuple[dict, float, float]:
     """Run agent.archive.create in a fresh process. Return its report, its CPU seconds and its
     peak RSS in MiB."""
     target.unlink(missing_ok=True)
