@@ -1,8 +1,10 @@
-"""Archives and hashes: tar + multi-threaded zstd + sha256 in one pass over the data.
+"""Archives and hashes: tar + multi-threaded zstd (+ age) + sha256 in one pass over the data.
 
 GNU tar reads the tree (POSIX pax format: nanosecond mtimes, numeric owners, symlinks,
 hardlinks, empty directories, sparse files, names that are not UTF-8); its stream is
-compressed by zstd on every core and hashed as it is written. Memory stays flat.
+compressed by zstd on every core and hashed as it is written. With recipients, the compressed
+stream is hashed (the plaintext digest), encrypted in the age format and hashed again as it is
+written (the stored digest), still in the same pass. Memory stays flat.
 """
 
 from __future__ import annotations
@@ -14,10 +16,15 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import zstandard
 
+from agent import encryption
+
 ARCHIVE_NAME = "data.tar.zst"
+ENCRYPTED_ARCHIVE_NAME = ARCHIVE_NAME + encryption.SUFFIX
+ARCHIVE_NAMES = (ARCHIVE_NAME, ENCRYPTED_ARCHIVE_NAME)
 CHUNK = 1 << 20
 JOB_SIZE = 2 << 20
 TAR_CREATE = ("tar", "--create", "--file=-", "--format=posix", "--numeric-owner", "--sparse",
@@ -47,14 +54,61 @@ class _HashingWriter:
         self.size += len(data)
         return self._handle.write(data)  # type: ignore[attr-defined]
 
+    def flush(self) -> None:
+        self._handle.flush()  # type: ignore[attr-defined]
+
     def digest(self) -> Digest:
         return Digest(self.size, self._hash.hexdigest())
 
 
-def create(root: Path, members: Sequence[str], target: Path, level: int, threads: int) -> Digest:
-    """Write a zstd-compressed tar of `members` (paths relative to `root`) to `target`, durably.
-    Return the size and sha256 of the written file. Raise ArchiveError with tar's message if
-    tar fails (the partial target is removed)."""
+class _HashingReader:
+    """A read-only stream that reads its source a chunk at a time, hashing and counting what
+    it hands out (pyrage asks for small pieces)."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._pending = memoryview(b"")
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._pending:
+            chunk = self._source.read(CHUNK)
+            if not chunk:
+                return b""
+            self._hash.update(chunk)
+            self.size += len(chunk)
+            self._pending = memoryview(chunk)
+        if size < 0 or size >= len(self._pending):
+            data, self._pending = self._pending, memoryview(b"")
+        else:
+            data, self._pending = self._pending[:size], self._pending[size:]
+        return data.tobytes()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def digest(self) -> Digest:
+        return Digest(self.size, self._hash.hexdigest())
+
+
+@dataclass(frozen=True)
+class Archived:
+    """What `create` wrote: the stored file's digest, and with encryption the plaintext's
+    (the zstd-compressed tar that `age -d` gives back)."""
+
+    stored: Digest
+    plaintext: Digest | None = None
+
+
+def create(root: Path, members: Sequence[str], target: Path, level: int, threads: int,
+           recipients: Sequence[Any] = ()) -> Archived:
+    """Write a zstd-compressed tar of `members` (paths relative to `root`) to `target`, durably,
+    encrypted to `recipients` when there are any. Return the size and sha256 of the written
+    file (and of the plaintext, when encrypted). Raise ArchiveError with tar's message if tar
+    fails (the partial target is removed)."""
     # Small jobs keep memory flat as cores are added (about 6 MiB a worker instead of ~45)
     # at the same speed, and let an interrupted compression end quickly.
     params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads or -1,
@@ -66,7 +120,15 @@ def create(root: Path, members: Sequence[str], target: Path, level: int, threads
         try:
             with tar.stdout, open(target, "wb") as handle:  # type: ignore[union-attr]
                 writer = _HashingWriter(handle)
-                compressor.copy_stream(tar.stdout, writer, read_size=CHUNK, write_size=CHUNK)
+                plain = None
+                if recipients:
+                    stream = tar.stdout
+                    assert stream is not None
+                    plain = _HashingReader(compressor.stream_reader(stream, read_size=CHUNK))
+                    encryption.encrypt(plain, writer, recipients)
+                else:
+                    compressor.copy_stream(tar.stdout, writer, read_size=CHUNK,
+                                           write_size=CHUNK)
                 handle.flush()
                 os.fsync(handle.fileno())
             if tar.wait() != 0:
@@ -78,7 +140,19 @@ def create(root: Path, members: Sequence[str], target: Path, level: int, threads
             tar.wait()
             target.unlink(missing_ok=True)
             raise
-    return writer.digest()
+    return Archived(writer.digest(), plain.digest() if plain is not None else None)
+
+
+def encrypt_file(source: Path, target: Path, recipients: Sequence[Any]) -> Archived:
+    """Encrypt the file `source` into `target` (durably) in one pass that hashes both. Return
+    the stored (encrypted) and plaintext digests."""
+    with open(source, "rb") as reading, open(target, "wb") as handle:
+        plain = _HashingReader(reading)
+        writer = _HashingWriter(handle)
+        encryption.encrypt(plain, writer, recipients)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Archived(writer.digest(), plain.digest())
 
 
 def hash_file(path: Path) -> Digest:

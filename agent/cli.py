@@ -258,6 +258,7 @@ class _RoleStores:
     lock_path: Path
     name: str
     mail: config.MailConfig
+    identities: tuple[object, ...] = ()
 
 
 def _role_stores(role: str, values: dict[str, str]) -> _RoleStores:
@@ -272,7 +273,8 @@ def _role_stores(role: str, values: dict[str, str]) -> _RoleStores:
         stored = [Stored("sink store", s.id, LocalStore(settings.store_dir / s.id))
                   for s in settings.sources]
         return _RoleStores(stored, Ledger(sink.ledger_path(settings)),
-                     sink.state_dir(settings) / "agent.lock", "sink", settings.mail)
+                     sink.state_dir(settings) / "agent.lock", "sink", settings.mail,
+                     settings.decrypt_identities)
     source = config.parse_source(values)
     logsetup.configure(source.log_level, source.log_format)
     handover = Handover(source.handover_dir)
@@ -281,7 +283,7 @@ def _role_stores(role: str, values: dict[str, str]) -> _RoleStores:
     if source.s3.bucket:
         stored.append(Stored("sink store", source.source_id, S3Store(source.s3, source.source_id)))
     return _RoleStores(stored, Ledger(handover.ledger_path), handover.lock_path, source.source_id,
-                 source.mail)
+                 source.mail, source.decrypt_identities)
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -303,7 +305,7 @@ def _verify(args: argparse.Namespace) -> int:
     role = _role_stores(_role(args, values), values)
     return _exclusive(role.lock_path, lambda guard: _run_job(
         verification.JOB, lambda _: verification.verify(role.stores, role.ledger,
-                                                        args.everything),
+                                                        args.everything, role.identities),
         role.name, role.mail, guard))
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from dotenv import dotenv_values
 
@@ -91,6 +91,17 @@ SETTINGS: tuple[Setting, ...] = (
             "larger than 3, a quarter less CPU) because the archive is made beside the running "
             "application.", (SOURCE,)),
     Setting("ZSTD_THREADS", "0", "zstd worker threads; 0 uses every core.", (SOURCE,)),
+    Setting("ENCRYPT_RECIPIENTS", "", "Age public keys (`age1...`) or SSH public keys "
+            "(`ssh-ed25519 ...`, `ssh-rsa ...`), separated by commas or newlines (`#` comments "
+            "allowed), usually as ENCRYPT_RECIPIENTS_FILE; set: data archives are stored "
+            "encrypted in the age format (`data.tar.zst.age`). Empty: not encrypted.", (SOURCE,)),
+    Setting("ENCRYPT_LOGS", "false", "`true`: log generations are encrypted too, each file as "
+            "`<name>.age` (needs ENCRYPT_RECIPIENTS); the sink's rsync then cannot send deltas "
+            "of a log, so every changed log travels whole.", (SOURCE,)),
+    Setting("DECRYPT_IDENTITY", "", "An age secret key (`AGE-SECRET-KEY-1...`) or an "
+            "unencrypted SSH private key, usually as DECRYPT_IDENTITY_FILE; only where a restore "
+            "runs: `restore` of encrypted generations needs it, `verify` then also checks their "
+            "plaintext.", secret=True),
     Setting("SOURCE_STORE_DIR", "/backup/store", "The source store: data generations kept on the "
             "source after a verified transport (`<dir>/data/<generation>/`).", (SOURCE,)),
     Setting("SOURCE_KEEP_LAST", "3", "Source store retention: the newest N generations (>= 1).",
@@ -219,6 +230,37 @@ class MailConfig:
     recipients: tuple[str, ...]
 
 
+def _parse_encryption(p: _Parser) -> tuple[tuple[Any, ...], bool, tuple[Any, ...]]:
+    """The recipients, whether logs are encrypted too, and the identities."""
+    from agent import encryption
+
+    def recipients(value: str) -> tuple[Any, ...]:
+        try:
+            return encryption.parse_recipients(value)
+        except ValueError as exc:
+            raise ValueError(str(exc)) from None
+    keys = p.check("ENCRYPT_RECIPIENTS", recipients,
+                   "use age public keys (`age1...`) or SSH public keys (`ssh-ed25519 AAAA...`), "
+                   "separated by commas or newlines", ())
+    logs = p.boolean("ENCRYPT_LOGS")
+    if logs and not keys and not any(x.startswith("ENCRYPT_RECIPIENTS:") for x in p.problems):
+        p.problems.append("ENCRYPT_LOGS: true needs ENCRYPT_RECIPIENTS; name the keys to "
+                          "encrypt to, or set ENCRYPT_LOGS=false")
+    return keys, logs, _parse_identities(p)
+
+
+def _parse_identities(p: _Parser) -> tuple[Any, ...]:
+    from agent import encryption
+
+    secret = p.raw("DECRYPT_IDENTITY")
+    try:
+        return encryption.parse_identities(secret) if secret else ()
+    except ValueError as exc:
+        p.problems.append(f"DECRYPT_IDENTITY: {exc}; use an age identity file "
+                          "(`age-keygen -o key.txt`) or an unencrypted SSH private key")
+        return ()
+
+
 @dataclass(frozen=True)
 class SourceConfig:
     source_id: str
@@ -249,6 +291,9 @@ class SourceConfig:
     signal_processes: str = ""
     k8s_namespace: str = ""
     k8s_workloads: tuple[Workload, ...] = ()
+    encrypt_recipients: tuple[Any, ...] = ()
+    encrypt_logs: bool = False
+    decrypt_identities: tuple[Any, ...] = ()
     all_paths: tuple[Path, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -292,6 +337,7 @@ class SinkConfig:
     mail: MailConfig
     log_level: str
     log_format: str
+    decrypt_identities: tuple[Any, ...] = ()
 
 
 # ---------------------------------------------------------------- reading the environment
@@ -531,6 +577,7 @@ def parse_sink(values: Mapping[str, str]) -> SinkConfig:
         mail=_parse_mail(p),
         log_level=p.choice("LOG_LEVEL", ("INFO", "DEBUG", "WARNING", "ERROR")),
         log_format=p.choice("LOG_FORMAT", ("plain", "json")),
+        decrypt_identities=_parse_identities(p),
     )
     if p.problems:
         raise ConfigError(p.problems)
@@ -638,6 +685,9 @@ def parse_source(values: Mapping[str, str], push: bool = False) -> SourceConfig:
                               "use comma-separated `deployment/<name>` or `statefulset/<name>`, "
                               "each once", ()),
     )
+    recipients, encrypt_logs, identities = _parse_encryption(p)
+    config = replace(config, encrypt_recipients=recipients, encrypt_logs=encrypt_logs,
+                     decrypt_identities=identities)
     named = {problem.split(":", 1)[0] for problem in p.problems}
     for mode, env, missing, fix in (
             ("signal", "SIGNAL_PROCESSES", not config.signal_processes,

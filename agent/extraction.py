@@ -1,5 +1,6 @@
-"""Safe extraction of a data archive: one pass over the stored bytes hashes them, decompresses
-them, checks every tar member and unpacks it with GNU tar into fresh staging directories.
+"""Safe extraction of a data archive: one pass over the stored bytes hashes them, decrypts them
+(an encrypted generation) and hashes the plaintext, decompresses them, checks every tar member
+and unpacks it with GNU tar into fresh staging directories.
 
 Nothing of an archive is trusted. A member is refused — and the whole extraction fails — when
 its name is absolute or climbs with `..`, when it lies outside the generation's data paths,
@@ -29,7 +30,9 @@ from typing import IO
 
 import zstandard
 
+from agent import encryption
 from agent.archive import CHUNK, Digest
+from agent.encryption import DecryptionFailed, WrongKey
 
 
 _QUEUE_CHUNKS = 8
@@ -323,30 +326,60 @@ def _write(processes: list[subprocess.Popen[bytes]], data: bytes) -> None:
                 raise ExtractionFailed(f"tar failed: {_tar_error(process)}") from None
 
 
+@dataclass(frozen=True)
+class Decryption:
+    """How to decrypt an encrypted archive: the identities, and the plaintext's expected
+    digest."""
+
+    identities: Sequence[object]
+    plaintext: Digest
+
+
 def extract(chunks: Iterable[bytes | memoryview], expected: Digest, targets: Sequence[Target],
-            policy: MemberPolicy) -> Digest:
-    """Unpack the zstd-compressed tar arriving as `chunks` into every target, checking each
-    member with `policy` and hashing the compressed bytes. Return their digest. Raise
-    DigestMismatch if it is not `expected`, UnsafeMember for a refused member, ExtractionFailed
-    if the stream or tar fails. On any failure the targets may hold a partial tree: the caller
-    removes them."""
+            policy: MemberPolicy, decryption: Decryption | None = None) -> Digest:
+    """Unpack the zstd-compressed tar arriving as `chunks` (age-encrypted, with `decryption`)
+    into every target, checking each member with `policy` and hashing the stored bytes (and
+    the plaintext). Return the stored bytes' digest. Raise DigestMismatch if it (or the
+    plaintext's) is not the expected one, WrongKey if no identity opens the archive,
+    DecryptionFailed if the ciphertext is damaged, UnsafeMember for a refused member,
+    ExtractionFailed if the stream or tar fails. On any failure the targets may hold a partial
+    tree: the caller removes them."""
     reader = _Reader(chunks)
     checker = _Checker(policy)
+    plain_hash = hashlib.sha256()
+    plain_size = [0]
+
+    def count(data: bytes) -> None:
+        plain_hash.update(data)
+        plain_size[0] += len(data)
+    decrypting = (encryption.Decrypting(reader, decryption.identities, count)
+                  if decryption is not None else None)
     processes: list[subprocess.Popen[bytes]] = []
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(_SWITCH_INTERVAL)
     try:
         processes = [_start_tar(target) for target in targets]
         try:
-            _unpack(reader, checker, processes)
-        except (UnsafeMember, ExtractionFailed) as exc:
+            _unpack(decrypting or reader, checker, processes)
+            if decrypting is not None:
+                decrypting.finish()
+        except WrongKey:
+            raise
+        except (UnsafeMember, ExtractionFailed, DecryptionFailed) as exc:
+            if decrypting is not None:
+                decrypting.close()  # it no longer reads the stored bytes
             _check(reader.drain(), expected, cause=exc)  # damaged, rather than crafted?
             raise
         digest = reader.drain()
         _check(digest, expected)
+        if decryption is not None:
+            _check(Digest(plain_size[0], plain_hash.hexdigest()), decryption.plaintext,
+                   what="the decrypted archive")
         return digest
     finally:
         sys.setswitchinterval(switch_interval)
+        if decrypting is not None:
+            decrypting.close()
         reader.close()
         checker.close()
         for process in processes:
@@ -356,7 +389,8 @@ def extract(chunks: Iterable[bytes | memoryview], expected: Digest, targets: Seq
             process.errors.close()  # type: ignore[attr-defined]
 
 
-def _unpack(reader: _Reader, checker: _Checker, processes: list[subprocess.Popen[bytes]]) -> None:
+def _unpack(reader: _Reader | encryption.Decrypting, checker: _Checker,
+            processes: list[subprocess.Popen[bytes]]) -> None:
     open_processes = list(processes)
     decompressor = zstandard.ZstdDecompressor().stream_reader(reader, read_size=CHUNK)
     try:
@@ -377,7 +411,9 @@ def _unpack(reader: _Reader, checker: _Checker, processes: list[subprocess.Popen
             raise ExtractionFailed(f"tar failed: {_tar_error(process)}")
 
 
-def _check(digest: Digest, expected: Digest, cause: BaseException | None = None) -> None:
+def _check(digest: Digest, expected: Digest, cause: BaseException | None = None,
+           what: str = "") -> None:
     if digest != expected:
-        raise DigestMismatch(f"{digest.size} bytes with sha256 {digest.sha256}; the manifest "
-                             f"says {expected.size} bytes, {expected.sha256}") from cause
+        raise DigestMismatch(f"{what + ': ' if what else ''}{digest.size} bytes with sha256 "
+                             f"{digest.sha256}; the manifest says {expected.size} bytes, "
+                             f"{expected.sha256}") from cause

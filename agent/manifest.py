@@ -11,6 +11,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from agent import generation
 
@@ -24,9 +25,22 @@ class InvalidManifest(ValueError):
 
 @dataclass(frozen=True)
 class FileEntry:
+    """One stored file. An encrypted file (`*.age`) also records the size and sha256 of its
+    plaintext; the fields are left out of the JSON otherwise, so manifests of unencrypted
+    generations read the same as before, and agents that do not know them ignore them."""
+
     path: str
     size: int
     sha256: str
+    plaintext_size: int | None = None
+    plaintext_sha256: str | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        return self.plaintext_sha256 is not None
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,7 @@ class Manifest:
 
     def to_json(self) -> str:
         body = asdict(self)
-        body["files"] = [asdict(f) for f in self.files]
+        body["files"] = [f.as_dict() for f in self.files]
         body["paths"] = list(self.paths)
         return json.dumps(body, indent=1, sort_keys=True) + "\n"
 
@@ -71,6 +85,17 @@ def _check_sha256(value: object) -> str:
     return value
 
 
+def _file_entry(body: dict[str, Any]) -> FileEntry:
+    plain_size, plain_sha256 = body.get("plaintext_size"), body.get("plaintext_sha256")
+    if (plain_size is None) != (plain_sha256 is None):
+        raise InvalidManifest(f"{body['path']!r}: plaintext_size and plaintext_sha256 come "
+                              "together")
+    return FileEntry(check_relative_path(body["path"]), int(body["size"]),
+                     _check_sha256(body["sha256"]),
+                     None if plain_size is None else int(plain_size),
+                     None if plain_sha256 is None else _check_sha256(plain_sha256))
+
+
 def from_json(text: str) -> Manifest:
     """Given a manifest's text (from any store), return it. Raise InvalidManifest if a field is
     missing or of the wrong type, a path is unsafe or the generation id is malformed."""
@@ -81,10 +106,7 @@ def from_json(text: str) -> Manifest:
         if body["kind"] not in generation.KINDS:
             raise InvalidManifest(f"unknown kind {body['kind']!r}")
         generation.parse(body["generation"])
-        files = tuple(
-            FileEntry(check_relative_path(f["path"]), int(f["size"]), _check_sha256(f["sha256"]))
-            for f in body["files"]
-        )
+        files = tuple(_file_entry(f) for f in body["files"])
         if len({f.path for f in files}) != len(files):
             raise InvalidManifest("a path is listed twice")
         return Manifest(

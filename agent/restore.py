@@ -25,7 +25,7 @@ from pathlib import Path
 from agent import archive, generation, mirror
 from agent.archive import Digest
 from agent.config import SourceConfig
-from agent.extraction import MemberPolicy, Target, extract
+from agent.extraction import Decryption, MemberPolicy, Target, extract
 from agent.handover import Handover
 from agent.interrupts import InterruptGuard
 from agent.manifest import Manifest, fsync_dir
@@ -81,7 +81,7 @@ def choose(store: ReadableStore, source_id: str, wanted: str | None) -> Manifest
     if (m.source_id, m.kind, m.generation) != (source_id, "data", wanted):
         raise RestoreRefused(f"the manifest of {wanted} in {store.url} is of "
                              f"{m.source_id}/{m.kind}/{m.generation}, not {source_id}/data")
-    if [f.path for f in m.files] != [archive.ARCHIVE_NAME]:
+    if len(m.files) != 1 or m.files[0].path not in archive.ARCHIVE_NAMES:
         raise RestoreRefused(f"{wanted} in {store.url} is not a data archive generation")
     return m
 
@@ -94,10 +94,19 @@ class Plan:
     manifest: Manifest
     request: Request
     paths: tuple[Path, ...]  # the data paths to replace; empty with --target
+    identities: tuple[object, ...] = ()
 
     @property
     def expected(self) -> Digest:
         return Digest(self.manifest.files[0].size, self.manifest.files[0].sha256)
+
+    @property
+    def decryption(self) -> Decryption | None:
+        entry = self.manifest.files[0]
+        if not entry.encrypted:
+            return None
+        assert entry.plaintext_size is not None and entry.plaintext_sha256 is not None
+        return Decryption(self.identities, Digest(entry.plaintext_size, entry.plaintext_sha256))
 
     def policy(self) -> MemberPolicy:
         roots = [mirror.member_name(Path(p)) for p in self.manifest.paths]
@@ -110,12 +119,17 @@ def plan(config: SourceConfig, store: ReadableStore, request: Request) -> Plan:
     m = choose(store, config.source_id, request.generation)
     if not m.paths:
         raise RestoreRefused(f"the manifest of {m.generation} names no data paths")
+    if m.files[0].encrypted and not config.decrypt_identities:
+        raise RestoreRefused(f"generation {m.generation} is encrypted; set "
+                             "DECRYPT_IDENTITY_FILE to the age identity or SSH private key of "
+                             "one of its recipients")
+    identities = tuple(config.decrypt_identities) if m.files[0].encrypted else ()
     target = request.target
     if target is not None:
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise RestoreRefused(f"--target {target} exists and is not an empty directory; "
                                  "name a new or empty directory")
-        return Plan(store, m, request, ())
+        return Plan(store, m, request, (), identities)
     held = {Path(p) for p in m.paths}
     missing = [str(p) for p in config.data_paths if p not in held]
     if missing:
@@ -126,7 +140,7 @@ def plan(config: SourceConfig, store: ReadableStore, request: Request) -> Plan:
     if skipped:
         logger.warning("generation %s also holds %s, which DATA_PATHS does not name; left out",
                        m.generation, ", ".join(map(str, skipped)))
-    return Plan(store, m, request, config.data_paths)
+    return Plan(store, m, request, config.data_paths, identities)
 
 
 def restore(config: SourceConfig, plan: Plan, guard: InterruptGuard) -> RestoreResult:
@@ -154,7 +168,7 @@ def restore(config: SourceConfig, plan: Plan, guard: InterruptGuard) -> RestoreR
         with job.step(f"fetch, verify and unpack {m.generation} from {store.url} "
                       "(application running)"):
             extract(store.chunks("data", m.generation, m.files[0].path), plan.expected,
-                    targets, plan.policy())
+                    targets, plan.policy(), plan.decryption)
         swap = _Swap(handover.state / "restore.json", m.generation, list(plan.paths))
         with application_stopped(quiescer, config.stop_label, config.compose_project,
                                  guard, job) as window:
@@ -190,7 +204,7 @@ def _restore_into_directory(plan: Plan, result: RestoreResult, job: Job) -> Rest
         with job.step(f"fetch, verify and unpack {m.generation} from {plan.store.url} into "
                       f"{target}"):
             extract(plan.store.chunks("data", m.generation, m.files[0].path), plan.expected,
-                    [Target(target)], plan.policy())
+                    [Target(target)], plan.policy(), plan.decryption)
     except BaseException:
         if created:
             shutil.rmtree(target, ignore_errors=True)

@@ -9,12 +9,14 @@ generations in the handover while it runs again.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from agent import __version__, alerts, archive, generation, manifest, mirror, restore
+from agent import __version__, alerts, archive, encryption, generation, manifest, mirror, restore
 from agent.config import SourceConfig
 from agent.handover import Handover
 from agent.interrupts import InterruptGuard
@@ -26,6 +28,7 @@ from agent.steps import Job, StepFailed
 logger = logging.getLogger(__name__)
 
 JOB = "source backup"
+PLAIN_LOGS = "logs-plain"
 RECONCILE_JOB = "source reconcile"
 
 
@@ -95,6 +98,9 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
     handover.discard_staging()
     data_staging = handover.fresh_staging("data")
     logs_staging = handover.fresh_staging("logs") if config.log_paths else None
+    # encrypted logs are copied beside their generation first, then encrypted into it
+    logs_copy = (handover.fresh_staging(PLAIN_LOGS) if logs_staging is not None
+                 and config.encrypt_logs else logs_staging)
     with job.step("pre-commands"):
         quiescer.run_label_commands(config.pre_command_label, config.compose_project)
     mirrors = {handover.mirror("data"): config.data_paths}
@@ -114,9 +120,9 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
         else:
             with job.step("1.b collect application data (archive, application stopped)"):
                 data_digest = _archive(config, Path("/"), data_staging)
-            if logs_staging is not None:
+            if logs_copy is not None:
                 with job.step("1.d collect log data (copy, application stopped)"):
-                    _copy_logs(config.log_paths, Path("/"), logs_staging)
+                    _copy_logs(config.log_paths, Path("/"), logs_copy)
     gen = generation.new_id(window.stopped_at, handover.all_ids()
                             + LocalStore(config.source_store_dir).all_ids())
 
@@ -130,21 +136,25 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
     if config.collect_mode == "mirror":
         with job.step("archive the data (application running)"):
             data_digest = _archive(config, handover.mirror("data"), data_staging)
-        if logs_staging is not None:
+        if logs_copy is not None:
             with job.step("copy the logs into their generation (application running)"):
-                _copy_logs(config.log_paths, handover.mirror("logs"), logs_staging)
+                _copy_logs(config.log_paths, handover.mirror("logs"), logs_copy)
+    log_entries: tuple[FileEntry, ...] = ()
+    if logs_staging is not None and logs_copy is not None and config.encrypt_logs:
+        with job.step("encrypt the logs into their generation (application running)"):
+            log_entries = tuple(_encrypt_tree(logs_copy, logs_staging,
+                                              config.encrypt_recipients))
+            shutil.rmtree(logs_copy)
 
     with job.step("hand over: write manifests and publish the generations"):
         stamp = {"source_id": config.source_id, "generation": gen,
                  "created_at": window.stopped_at.isoformat().replace("+00:00", "Z"),
                  "downtime_seconds": round(window.downtime, 3), "agent_version": __version__}
         manifest.write(data_staging, Manifest(
-            kind="data", files=(FileEntry(archive.ARCHIVE_NAME, data_digest.size,
-                                          data_digest.sha256),),
+            kind="data", files=(_archive_entry(data_digest),),
             paths=tuple(str(p) for p in config.data_paths), **stamp))
-        log_entries: tuple[FileEntry, ...] = ()
         if logs_staging is not None:
-            log_entries = tuple(_hash_tree(logs_staging))
+            log_entries = log_entries or tuple(_hash_tree(logs_staging))
             manifest.write(logs_staging, Manifest(
                 kind="logs", files=log_entries, paths=tuple(str(p) for p in config.log_paths),
                 **stamp))
@@ -157,13 +167,23 @@ def _collect_and_hand_over(config: SourceConfig, handover: Handover, guard: Inte
     if post_failure is not None:
         raise StepFailed(post_failure.step, post_failure.error,
                          kept=f"generation {gen} was collected and handed over all the same")
-    return BackupResult(gen, window.downtime, data_digest.size, len(log_entries), job.elapsed)
+    return BackupResult(gen, window.downtime, data_digest.stored.size, len(log_entries),
+                        job.elapsed)
 
 
-def _archive(config: SourceConfig, root: Path, staging: Path) -> archive.Digest:
+def _archive(config: SourceConfig, root: Path, staging: Path) -> archive.Archived:
+    """tar → zstd (→ age, with ENCRYPT_RECIPIENTS) into the staging directory, hashed."""
     members = [mirror.member_name(p) for p in config.data_paths]
-    return archive.create(root, members, staging / archive.ARCHIVE_NAME,
-                          config.zstd_level, config.zstd_threads)
+    name = archive.ENCRYPTED_ARCHIVE_NAME if config.encrypt_recipients else archive.ARCHIVE_NAME
+    return archive.create(root, members, staging / name, config.zstd_level,
+                          config.zstd_threads, config.encrypt_recipients)
+
+
+def _archive_entry(archived: archive.Archived) -> FileEntry:
+    if archived.plaintext is None:
+        return FileEntry(archive.ARCHIVE_NAME, archived.stored.size, archived.stored.sha256)
+    return FileEntry(archive.ENCRYPTED_ARCHIVE_NAME, archived.stored.size,
+                     archived.stored.sha256, archived.plaintext.size, archived.plaintext.sha256)
 
 
 def _copy_logs(paths: tuple[Path, ...], root: Path, staging: Path) -> None:
@@ -177,6 +197,42 @@ def _copy_logs(paths: tuple[Path, ...], root: Path, staging: Path) -> None:
                                   f"{target}/"], capture_output=True, text=True, check=False)
         if process.returncode != 0:
             raise OSError(f"copy of {path} failed: {process.stderr.strip()[-500:]}")
+
+
+def _encrypt_tree(plain: Path, target: Path, recipients: tuple[object, ...]) -> list[FileEntry]:
+    """Encrypt every regular file below `plain` into the same place below `target`, named
+    `<name>.age`, with the file's owner, mode and times; directories keep their owner and
+    mode. Return the manifest entries (stored and plaintext digests). Symbolic links and
+    other special files are left out."""
+    entries = []
+    for directory, dirs, files in os.walk(plain):
+        dirs.sort()
+        here = Path(directory)
+        into = target / here.relative_to(plain)
+        into.mkdir(exist_ok=True)
+        _copy_metadata(here, into)
+        for name in sorted(files):
+            source = here / name
+            if not source.is_file() or source.is_symlink():
+                continue
+            stored = into / (name + encryption.SUFFIX)
+            digests = archive.encrypt_file(source, stored, recipients)
+            _copy_metadata(source, stored)
+            assert digests.plaintext is not None
+            entries.append(FileEntry(str(stored.relative_to(target)), digests.stored.size,
+                                     digests.stored.sha256, digests.plaintext.size,
+                                     digests.plaintext.sha256))
+    return entries
+
+
+def _copy_metadata(source: Path, target: Path) -> None:
+    st = source.stat()
+    try:
+        os.chown(target, st.st_uid, st.st_gid)
+    except PermissionError:
+        pass  # not root: as `cp --archive` does, the files are this agent's
+    os.chmod(target, st.st_mode & 0o7777)
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _hash_tree(root: Path) -> list[FileEntry]:

@@ -104,7 +104,8 @@ def make_generation(data_dir: Path, store: Path) -> Generation:
     directory.mkdir(parents=True)
     target = directory / archive.ARCHIVE_NAME
     start = time.perf_counter()
-    digest = archive.create(Path("/"), [mirror.member_name(data_dir)], target, ZSTD_LEVEL, 0)
+    digest = archive.create(Path("/"), [mirror.member_name(data_dir)], target, ZSTD_LEVEL,
+                            0).stored
     seconds = time.perf_counter() - start
     manifest.write(directory, Manifest(
         source_id=SOURCE_ID, kind="data", generation=gen,

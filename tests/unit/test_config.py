@@ -1,3 +1,4 @@
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,60 @@ def test_readme_settings_table_matches_the_declarations():
     readme = (ROOT / "README.md").read_text()
     assert config.markdown_table() in readme, (
         "the README's settings table is out of date: paste `backup-agent config --markdown`")
+
+
+# ---------------------------------------------------------------- encryption at rest
+
+AGE_PUBLIC = "age1zsxnvfyj0ygqknn0n0g98q8jfg0acp50yr8d3s0xn8km5vyaky9quhd4ll"
+SSH_PUBLIC = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAyDDngXMRf+2XY+Zj9XqhzohtXGCbNafVu6y+jjMHL2 "
+              "me@host")
+
+
+def test_recipients_may_be_age_and_ssh_keys_separated_by_commas_or_lines(tmp_path):
+    keys = tmp_path / "recipients.txt"
+    keys.write_text(f"# the operators\n{AGE_PUBLIC}\n\n{SSH_PUBLIC}\n")
+    cfg = parse_source({**VALID, **read_values({"ENCRYPT_RECIPIENTS_FILE": str(keys)})})
+    assert len(cfg.encrypt_recipients) == 2 and not cfg.encrypt_logs
+    cfg = parse_source({**VALID, "ENCRYPT_RECIPIENTS": f"{AGE_PUBLIC}, {SSH_PUBLIC}",
+                        "ENCRYPT_LOGS": "true"})
+    assert len(cfg.encrypt_recipients) == 2 and cfg.encrypt_logs
+
+
+def test_no_recipients_means_no_encryption():
+    cfg = parse_source(VALID)
+    assert cfg.encrypt_recipients == () and cfg.decrypt_identities == ()
+
+
+@pytest.mark.parametrize("text", ["age1notakey", "AGE-SECRET-KEY-1XYZ", "ssh-ed25519 AAAAbad",
+                                  f"{AGE_PUBLIC},gpg:1234"])
+def test_an_invalid_recipient_is_named(text):
+    found = problems({**VALID, "ENCRYPT_RECIPIENTS": text})
+    assert [p.split(":")[0] for p in found] == ["ENCRYPT_RECIPIENTS"]
+
+
+def test_encrypted_logs_need_recipients():
+    found = problems({**VALID, "ENCRYPT_LOGS": "true"})
+    assert [p.split(":")[0] for p in found] == ["ENCRYPT_LOGS"]
+
+
+def test_an_identity_file_is_read_and_checked_without_showing_the_key(tmp_path):
+    key = tmp_path / "key.txt"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    cfg = parse_source({**VALID, **read_values({"DECRYPT_IDENTITY_FILE": str(key)})})
+    assert len(cfg.decrypt_identities) == 1
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "id")],
+                   check=True)
+    cfg = parse_source({**VALID, **read_values({"DECRYPT_IDENTITY_FILE": str(tmp_path / "id")})})
+    assert len(cfg.decrypt_identities) == 1
+    found = problems({**VALID, "DECRYPT_IDENTITY": "AGE-SECRET-KEY-1SECRETBUTWRONG"})
+    assert [p.split(":")[0] for p in found] == ["DECRYPT_IDENTITY"]
+    assert "SECRETBUTWRONG" not in found[0]
+    assert dict((n, v) for n, v, _ in config.effective(
+        {"DECRYPT_IDENTITY": key.read_text()}))["DECRYPT_IDENTITY"] == "***"
+
+
+def test_the_sink_reads_an_identity_for_verify(tmp_path):
+    key = tmp_path / "key.txt"
+    subprocess.run(["age-keygen", "-o", str(key)], check=True, capture_output=True)
+    cfg = config.parse_sink({"SINK_SOURCES": "a=host", "DECRYPT_IDENTITY": key.read_text()})
+    assert len(cfg.decrypt_identities) == 1

@@ -1,3 +1,4 @@
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -61,3 +62,37 @@ def test_manifest_is_written_atomically_and_read_back(tmp_path):
     manifest.write(tmp_path, sample())
     assert manifest.read(tmp_path) == sample()
     assert [p.name for p in tmp_path.iterdir()] == ["MANIFEST.json"]
+
+
+# ---------------------------------------------------------------- encrypted files
+
+
+def _encrypted_manifest():
+    return Manifest(source_id="s", kind="data", generation="2026-11-28T02-00-00Z",
+                    created_at="2026-11-28T02:00:00Z", downtime_seconds=0.5,
+                    agent_version="t", paths=("/srv",),
+                    files=(FileEntry("data.tar.zst.age", 120, "a" * 64, 100, "b" * 64),))
+
+
+def test_an_encrypted_entry_keeps_its_plaintext_digest_through_json():
+    m = _encrypted_manifest()
+    again = manifest.from_json(m.to_json())
+    assert again == m and again.files[0].encrypted
+
+
+def test_an_unencrypted_entry_is_written_exactly_as_before():
+    m = _encrypted_manifest()
+    plain = type(m)(**{**m.__dict__, "files": (FileEntry("data.tar.zst", 100, "b" * 64),)})
+    [entry] = json.loads(plain.to_json())["files"]
+    assert entry == {"path": "data.tar.zst", "size": 100, "sha256": "b" * 64}
+    assert not manifest.from_json(plain.to_json()).files[0].encrypted
+
+
+def test_a_plaintext_digest_without_its_size_is_refused():
+    body = json.loads(_encrypted_manifest().to_json())
+    del body["files"][0]["plaintext_size"]
+    with pytest.raises(InvalidManifest, match="come together"):
+        manifest.from_json(json.dumps(body))
+    body["files"][0].update(plaintext_size=100, plaintext_sha256="not hex")
+    with pytest.raises(InvalidManifest):
+        manifest.from_json(json.dumps(body))
