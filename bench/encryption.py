@@ -58,7 +58,9 @@ start = time.perf_counter()
 done = archive.create(Path(sys.argv[2]), [sys.argv[3]], Path(sys.argv[4]), int(sys.argv[6]), 0,
                       recipients)
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "size": done.stored.size,
+# VmHWM: this process's own peak (ru_maxrss would also count the parent's pages before exec)
+hwm = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")][0]
+print(json.dumps({"seconds": seconds, "size": done.stored.size, "hwm_kib": int(hwm),
                   "plaintext": done.plaintext.sha256 if done.plaintext else done.stored.sha256}))
 """
 
@@ -91,7 +93,8 @@ def archive_once(root: Path, member: str, target: Path,
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"archive.create failed (exit {process.returncode})")
-    return json.loads(out), usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    report = json.loads(out)
+    return report, usage.ru_utime + usage.ru_stime, report["hwm_kib"] / 1024
 
 
 def by_hand(key: Path, archive: Path) -> float:
