@@ -119,8 +119,8 @@ def _parse(stamp: object) -> datetime | None:
 def assess(status: dict[str, object], schedules: Sequence[tuple[str, str]],
            now: datetime) -> list[str]:
     """Return what is unhealthy (empty: healthy): a scheduler that stopped beating, a job whose
-    last run failed, or a job without a success since the tick before its latest one (one
-    tick of slack for a run still going)."""
+    last run failed (not skipped, not interrupted by a signal), or a job without a success
+    since the tick before its latest one (one tick of slack for a run still going)."""
     problems = []
     heartbeat = _parse(status.get("heartbeat"))
     if heartbeat is None or now - heartbeat > 3 * _HEARTBEAT:
@@ -131,7 +131,9 @@ def assess(status: dict[str, object], schedules: Sequence[tuple[str, str]],
     for job, expression in schedules:
         entry = jobs.get(job, {})
         code = entry.get("exit")
-        if code not in (None, 0, _BUSY):
+        # Skipped (lock held) and interrupted (the container was stopping: 128+N) runs are not
+        # failures; a job that keeps not succeeding is caught by the rule below.
+        if code not in (None, 0, _BUSY) and not (isinstance(code, int) and code > 128):
             problems.append(f"{job}: the last run (started {entry.get('started')}) failed "
                             f"with exit code {code}")
             continue

@@ -42,9 +42,10 @@ def test_a_failed_last_run_is_unhealthy():
     assert "failed with exit code 1" in problem
 
 
-def test_a_skipped_run_because_of_the_lock_is_not_a_failure():
-    jobs = {"run": {"exit": 3, "started": "x", "last_success": "2026-11-29T02:10:00Z"}}
-    assert assess(status(jobs), [("run", "0 * * * *")], at(3, 0, 30)) == []
+def test_a_run_skipped_for_the_lock_or_interrupted_by_sigterm_is_not_a_failure():
+    for code in (3, 143):
+        jobs = {"run": {"exit": code, "started": "x", "last_success": "2026-11-29T02:10:00Z"}}
+        assert assess(status(jobs), [("run", "0 * * * *")], at(3, 0, 30)) == []
 
 
 def test_no_success_for_two_ticks_is_unhealthy_and_a_fresh_start_is_not():
