@@ -11,13 +11,14 @@ Parsing keys is pure; `encrypt` and `Decrypting` stream between file-like object
 
 from __future__ import annotations
 
-import queue
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import pyrage  # type: ignore[import-untyped]
 from pyrage import ssh, x25519  # type: ignore[import-untyped]
+
+from agent.handoff import HandOff
 
 SUFFIX = ".age"
 _QUEUE_CHUNKS = 16
@@ -122,10 +123,7 @@ class Decrypting:
         self._source = source
         self._identities = list(identities)
         self._on_plaintext = on_plaintext
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(_QUEUE_CHUNKS)
-        self._pending = memoryview(b"")
-        self._ended = False
-        self._stop = threading.Event()
+        self._handoff = HandOff(_QUEUE_CHUNKS)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -145,14 +143,8 @@ class Decrypting:
         pass
 
     def _put(self, item: bytes | BaseException) -> None:
-        while True:
-            if self._stop.is_set():
-                raise _Stopped()
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        if not self._handoff.put(item):
+            raise _Stopped()
 
     def _run(self) -> None:
         try:
@@ -168,18 +160,7 @@ class Decrypting:
 
     # the plaintext side
     def read(self, size: int = -1) -> memoryview:
-        if not self._pending and not self._ended:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._ended = True
-                raise item
-            self._pending = memoryview(item)
-            self._ended = not item
-        if size < 0 or size >= len(self._pending):
-            data, self._pending = self._pending, memoryview(b"")
-        else:
-            data, self._pending = self._pending[:size], self._pending[size:]
-        return data
+        return self._handoff.read(size)
 
     def finish(self) -> None:
         """Read to the end of the plaintext (raising what decryption raised) and wait for the
@@ -190,7 +171,7 @@ class Decrypting:
 
     def close(self) -> None:
         """Stop the thread (it no longer reads `source`)."""
-        self._stop.set()
+        self._handoff.stop()
         self._thread.join()
 
 

@@ -33,6 +33,7 @@ import zstandard
 from agent import encryption
 from agent.archive import CHUNK, Digest
 from agent.encryption import DecryptionFailed, WrongKey
+from agent.handoff import HandOff
 
 
 _QUEUE_CHUNKS = 8
@@ -155,15 +156,12 @@ class Target:
 
 class _Reader:
     """A thread that pulls the stored bytes (a file or an S3 download), hashes them and hands
-    them out through a small queue, so reading and hashing overlap with decompression."""
+    them out, so reading and hashing overlap with decompression."""
 
     def __init__(self, chunks: Iterable[bytes | memoryview]) -> None:
-        self._queue: queue.Queue[bytes | memoryview | BaseException] = queue.Queue(_QUEUE_CHUNKS)
+        self._handoff = HandOff(_QUEUE_CHUNKS)
         self._hash = hashlib.sha256()
         self._size = 0
-        self._pending = memoryview(b"")
-        self._ended = False
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(chunks,), daemon=True)
         self._thread.start()
 
@@ -172,24 +170,14 @@ class _Reader:
             for chunk in chunks:
                 self._hash.update(chunk)
                 self._size += len(chunk)
-                if not _put(self._queue, chunk, self._stop):
+                if not self._handoff.put(chunk):
                     return
-            _put(self._queue, b"", self._stop)
+            self._handoff.put(b"")
         except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
-            _put(self._queue, exc, self._stop)
+            self._handoff.put(exc)
 
     def read(self, size: int = -1) -> memoryview:
-        if not self._pending and not self._ended:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            self._pending = memoryview(item)
-            self._ended = not item
-        if size < 0 or size >= len(self._pending):
-            data, self._pending = self._pending, memoryview(b"")
-        else:
-            data, self._pending = self._pending[:size], self._pending[size:]
-        return data
+        return self._handoff.read(size)
 
     def drain(self) -> Digest:
         """Read to the end; return the size and sha256 of everything read."""
@@ -199,20 +187,8 @@ class _Reader:
         return Digest(self._size, self._hash.hexdigest())
 
     def close(self) -> None:
-        self._stop.set()
+        self._handoff.stop()
         self._thread.join()
-
-
-def _put(target: queue.Queue[bytes | memoryview | BaseException],
-         item: bytes | memoryview | BaseException,
-         stop: threading.Event) -> bool:
-    while not stop.is_set():
-        try:
-            target.put(item, timeout=0.1)
-            return True
-        except queue.Full:
-            continue
-    return False
 
 
 class _Checker:
@@ -235,7 +211,12 @@ class _Checker:
         as soon as one was found."""
         if self.error is not None:
             raise self.error
-        _put(self._queue, chunk, self._stop)  # type: ignore[arg-type]
+        while not self._stop.is_set():
+            try:
+                self._queue.put(chunk, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def finish(self) -> None:
         self._thread.join()
