@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
-from agent import retention
-from agent.manifest import Manifest
+from agent.core import retention
+from agent.core.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -20,22 +19,6 @@ class StoreError(Exception):
 
 class VerificationFailed(Exception):
     """What a store holds differs from what its manifest or the upload says."""
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    endpoint_url: str
-    region: str
-    bucket: str
-    prefix: str
-    access_key_id: str
-    secret_access_key: str
-    session_token: str
-    addressing_style: str
-    ca_bundle: str
-    part_size: int
-    concurrency: int
-    retry_seconds: int
 
 
 class ReadableStore(Protocol):
@@ -52,20 +35,49 @@ class ReadableStore(Protocol):
 
 
 class Store(Protocol):
+    @property
+    def url(self) -> str: ...
+
     def generations(self, kind: str) -> tuple[list[str], list[str]]: ...
 
     def delete_generation(self, kind: str, gen: str) -> None: ...
 
 
-def rotate(store: Store, kind: str, policy: retention.Policy, newest_verified: str) -> list[str]:
-    """Apply `policy` to the complete generations of `kind` in `store`, never removing
-    `newest_verified`, and remove incomplete generations older than it (abandoned uploads).
-    Call only after `newest_verified` was verified. Return the removed ids."""
+def rotate(
+    store: Store, name: str, kind: str, policy: retention.Policy, newest_verified: str
+) -> str:
+    """Apply `policy` to the complete generations of `kind` in `store` (called `name` in the
+    log: source store, sink store), never removing `newest_verified`, and remove incomplete
+    generations older than it (abandoned uploads). Call only after `newest_verified` was
+    verified. Return the log line: which store, what it kept and what it removed."""
     complete, incomplete = store.generations(kind)
-    removed = retention.plan(complete, policy, protect=newest_verified).remove
-    removed += retention.abandoned(incomplete, newest_verified)
-    for gen in removed:
+    planned = retention.plan(complete, policy, protect=newest_verified)
+    abandoned = retention.abandoned(incomplete, newest_verified)
+    for gen in planned.remove + abandoned:
         store.delete_generation(kind, gen)
-    if removed:
-        logger.info("removed %s generations: %s", kind, ", ".join(removed))
-    return removed
+    line = retention_line(name, store.url, kind, policy, planned, abandoned)
+    logger.info("%s", line)
+    return line
+
+
+def retention_line(
+    name: str,
+    url: str,
+    kind: str,
+    policy: retention.Policy,
+    planned: retention.Plan,
+    abandoned: list[str],
+) -> str:
+    """One line saying which store retention pruned, by what policy, and with what outcome."""
+    removed = (
+        f"removed {len(planned.remove)}: {', '.join(planned.remove)}"
+        if planned.remove
+        else "removed none"
+    )
+    line = (
+        f"retention of {kind} in the {name} {url} (keep {policy.describe()}): "
+        f"kept {len(planned.keep)}, {removed}"
+    )
+    if abandoned:
+        line += f"; removed {len(abandoned)} incomplete: {', '.join(abandoned)}"
+    return line
