@@ -7,8 +7,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from agent import archive, manifest
-from agent.manifest import FileEntry, Manifest
+from agent.core import archive, manifest
+from agent.core.manifest import FileEntry, Manifest
 
 SOURCE = "test-source"
 
@@ -21,15 +21,26 @@ def seal(directory: Path, gen: str, kind: str, source: str = SOURCE) -> Path:
         if path.relative_to(directory).as_posix() == manifest.NAME:
             continue  # sealed again after a change
         digest = archive.hash_file(path)
-        entries.append(FileEntry(path.relative_to(directory).as_posix(), digest.size,
-                                 digest.sha256))
-    return manifest.write(directory, Manifest(
-        source_id=source, kind=kind, generation=gen, created_at=gen, downtime_seconds=0.1,
-        agent_version="test", files=tuple(entries)))
+        entries.append(
+            FileEntry(path.relative_to(directory).as_posix(), digest.size, digest.sha256)
+        )
+    return manifest.write(
+        directory,
+        Manifest(
+            source_id=source,
+            kind=kind,
+            generation=gen,
+            created_at=gen,
+            downtime_seconds=0.1,
+            agent_version="test",
+            files=tuple(entries),
+        ),
+    )
 
 
-def write_generation(handover: Path, kind: str, gen: str, files: Mapping[str, bytes],
-                     source: str = SOURCE) -> Path:
+def write_generation(
+    handover: Path, kind: str, gen: str, files: Mapping[str, bytes], source: str = SOURCE
+) -> Path:
     """A complete generation `<handover>/<kind>/<gen>/` holding `files` (relative path →
     content). Return its directory."""
     directory = handover / kind / gen
@@ -41,8 +52,9 @@ def write_generation(handover: Path, kind: str, gen: str, files: Mapping[str, by
     return directory
 
 
-def make_generation(handover: Path, gen: str, size: int = 200_000, kind: str = "data",
-                    source: str = SOURCE) -> bytes:
+def make_generation(
+    handover: Path, gen: str, size: int = 200_000, kind: str = "data", source: str = SOURCE
+) -> bytes:
     """A complete generation of one file of `size` random bytes (`data.tar.zst` for data,
     `var/log/app.log` for logs); return that content."""
     content = os.urandom(size)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import grp
+import hashlib
 import os
 import pwd
 import re
@@ -48,7 +49,9 @@ SSHD = "/usr/sbin/sshd"  # sshd must be started by its absolute path (it re-exec
 GATEWAY_USERS = ("dataBackupSource", "logBackupSource")
 GATEWAY_GROUP = "backupgw"
 BASE_PYTHON = "/usr/bin/python3"
-GATEWAY_VENV = Path(os.environ.get("BACKUP_AGENT_TEST_VENV", "/opt/backup-agent-test-venv"))
+# The gateway users' venvs: one per set of requirements (its name ends in their digest), so
+# checkouts that need different dependencies never rebuild a venv another run is using.
+GATEWAY_VENVS = Path(os.environ.get("BACKUP_AGENT_TEST_VENVS", "/opt"))
 
 
 def _unavailable(reason: str) -> None:
@@ -59,11 +62,14 @@ def _unavailable(reason: str) -> None:
 
 def _run(argv: Sequence[str | os.PathLike[str]], **kwargs) -> subprocess.CompletedProcess[str]:
     """Run a setup command; raise with its output if it fails."""
-    process = subprocess.run([os.fspath(a) for a in argv], capture_output=True, text=True,
-                             check=False, **kwargs)
+    process = subprocess.run(
+        [os.fspath(a) for a in argv], capture_output=True, text=True, check=False, **kwargs
+    )
     if process.returncode != 0:
-        raise RuntimeError(f"{shlex.join(map(os.fspath, argv))} exited {process.returncode}: "
-                           f"{process.stderr.strip() or process.stdout.strip()}")
+        raise RuntimeError(
+            f"{shlex.join(map(os.fspath, argv))} exited {process.returncode}: "
+            f"{process.stderr.strip() or process.stdout.strip()}"
+        )
     return process
 
 
@@ -77,6 +83,12 @@ def ensure_gateway_users() -> None:
     `!`, which is what useradd writes by default."""
     if os.geteuid() != 0:
         _unavailable("the sshd fixtures create system users and must run as root")
+    with open("/run/backup-agent-test-users.lock", "w") as lock:  # xdist workers, other runs
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _ensure_gateway_users()
+
+
+def _ensure_gateway_users() -> None:
     try:
         grp.getgrnam(GATEWAY_GROUP)
     except KeyError:
@@ -85,8 +97,18 @@ def ensure_gateway_users() -> None:
         try:
             pwd.getpwnam(user)
         except KeyError:
-            _run(["useradd", "--system", "--shell", "/bin/sh", "--home-dir", "/nonexistent",
-                  "--no-create-home", user])
+            _run(
+                [
+                    "useradd",
+                    "--system",
+                    "--shell",
+                    "/bin/sh",
+                    "--home-dir",
+                    "/nonexistent",
+                    "--no-create-home",
+                    user,
+                ]
+            )
         if _password_field(user).startswith("!"):
             _run(["usermod", "--password", "*", user])
         if user not in grp.getgrnam(GATEWAY_GROUP).gr_mem:
@@ -106,8 +128,10 @@ def _check_reachable(path: Path) -> None:
     """Raise ValueError unless every directory above `path` can be traversed by any user."""
     for parent in Path(path).resolve().parents:
         if not os.stat(parent).st_mode & stat.S_IXOTH:
-            raise ValueError(f"{path}: its directory {parent} is not traversable by the gateway "
-                             "users (pytest's tmp_path is not); use the gateway_tmp_path fixture")
+            raise ValueError(
+                f"{path}: its directory {parent} is not traversable by the gateway "
+                "users (pytest's tmp_path is not); use the gateway_tmp_path fixture"
+            )
 
 
 def make_shared_dir(path: Path | str) -> Path:
@@ -195,9 +219,15 @@ class SshCA:
         if not self.key.exists():
             _keygen(self.key, "backup-agent-tests user CA")
 
-    def sign(self, pubkey: Path | str | ClientKey, principals: str | Sequence[str],
-             validity: str = "+1h", force_command: str | None = None,
-             source_address: str | None = None, identity: str = "backup-agent-test-sink") -> Path:
+    def sign(
+        self,
+        pubkey: Path | str | ClientKey,
+        principals: str | Sequence[str],
+        validity: str = "-5m:+52w",
+        force_command: str | None = None,
+        source_address: str | None = None,
+        identity: str = "backup-agent-test-sink",
+    ) -> Path:
         """Sign the public key (a `.pub` path, or a ClientKey) for the principals and return the
         path of the new `-cert.pub` (a new file per call). `validity` is ssh-keygen's -V
         (`+1h`, `20200101:20200102`, `+1d:+2d`, ...)."""
@@ -207,8 +237,20 @@ class SshCA:
         self._serial += 1
         copy = self.directory / "certs" / f"{self._serial:03d}-{Path(pubkey).stem}.pub"
         shutil.copyfile(pubkey, copy)
-        argv: list[str | Path] = ["ssh-keygen", "-q", "-s", self.key, "-I", identity,
-                                  "-n", ",".join(names), "-V", validity, "-z", str(self._serial)]
+        argv: list[str | Path] = [
+            "ssh-keygen",
+            "-q",
+            "-s",
+            self.key,
+            "-I",
+            identity,
+            "-n",
+            ",".join(names),
+            "-V",
+            validity,
+            "-z",
+            str(self._serial),
+        ]
         if force_command is not None:
             argv += ["-O", f"force-command={force_command}"]
         if source_address is not None:
@@ -219,8 +261,9 @@ class SshCA:
             raise RuntimeError(f"ssh-keygen wrote no certificate {cert}")
         return cert
 
-    def sign_expired(self, pubkey: Path | str | ClientKey, principals: str | Sequence[str],
-                     **options) -> Path:
+    def sign_expired(
+        self, pubkey: Path | str | ClientKey, principals: str | Sequence[str], **options
+    ) -> Path:
         """A certificate that was valid for one day in January 2020."""
         return self.sign(pubkey, principals, validity="20200101:20200102", **options)
 
@@ -268,16 +311,20 @@ def _requirements() -> list[str]:
     return sorted(pinned)
 
 
-def ensure_gateway_venv(venv: Path = GATEWAY_VENV) -> Path:
-    """Return the python of a venv at `venv` that any user can run, built from Debian's
-    python3 with the project's dependencies; (re)build it when missing or when the
-    requirements changed (a stamp file records them). Concurrent callers wait on a lock."""
+def ensure_gateway_venv(directory: Path = GATEWAY_VENVS) -> Path:
+    """Return the python of a venv in `directory` that any user can run, built from Debian's
+    python3 with the project's dependencies; (re)build it when missing or incomplete (a stamp
+    file, written last, records the requirements). Concurrent callers wait on a lock."""
     if not os.access(BASE_PYTHON, os.X_OK):
-        _unavailable(f"{BASE_PYTHON} (Debian's python3) is missing; the gateway users cannot "
-                     f"run {sys.executable}")
+        _unavailable(
+            f"{BASE_PYTHON} (Debian's python3) is missing; the gateway users cannot "
+            f"run {sys.executable}"
+        )
     requirements = _requirements()
     base_version = _run([BASE_PYTHON, "-c", "import sys; print(sys.version)"]).stdout.strip()
     stamp_text = "\n".join([f"# {base_version}", *requirements]) + "\n"
+    digest = hashlib.sha256(stamp_text.encode()).hexdigest()[:12]
+    venv = directory / f"backup-agent-test-venv-{digest}"
     python = venv / "bin" / "python"
     stamp = venv / ".backup-agent-test-requirements"
     venv.parent.mkdir(parents=True, exist_ok=True)
@@ -291,8 +338,21 @@ def ensure_gateway_venv(venv: Path = GATEWAY_VENV) -> Path:
         with tempfile.NamedTemporaryFile("w", suffix=".txt") as reqs:
             reqs.write("\n".join(requirements) + "\n")
             reqs.flush()
-            _run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet",
-                  "--disable-pip-version-check", "--no-warn-script-location", "-r", reqs.name])
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "--python",
+                    python,
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    "--no-warn-script-location",
+                    "-r",
+                    reqs.name,
+                ]
+            )
         _run(["chmod", "-R", "a+rX", venv])
         stamp.write_text(stamp_text)  # last: a build cut short is redone
     return python
@@ -308,8 +368,11 @@ def _world_readable(package: Path) -> bool:
     for directory, _dirs, files in os.walk(package):
         if os.stat(directory).st_mode & search != search:
             return False
-        if any(not os.stat(os.path.join(directory, f)).st_mode & stat.S_IROTH
-               for f in files if f.endswith(".py")):
+        if any(
+            not os.stat(os.path.join(directory, f)).st_mode & stat.S_IROTH
+            for f in files
+            if f.endswith(".py")
+        ):
             return False
     return True
 
@@ -323,8 +386,12 @@ def install_gateway_agent(directory: Path) -> GatewayAgent:
         pythonpath = ROOT
     else:  # e.g. a checkout under /root: run a copy, made now, of the code under test
         pythonpath = directory / "src"
-        shutil.copytree(package, pythonpath / "agent",
-                        ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        shutil.copytree(
+            package,
+            pythonpath / "agent",
+            ignore=shutil.ignore_patterns("__pycache__"),
+            dirs_exist_ok=True,
+        )
         _run(["chmod", "-R", "a+rX", pythonpath])
     bin_dir = directory / "bin"
     bin_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -333,7 +400,8 @@ def install_gateway_agent(directory: Path) -> GatewayAgent:
         "#!/bin/sh\n"
         "# backup-agent of the checkout under test, for the gateway users (tests/sshd.py)\n"
         f"PYTHONPATH={shlex.quote(str(pythonpath))} PYTHONDONTWRITEBYTECODE=1 "
-        f"exec {shlex.quote(str(python))} -m agent \"$@\"\n")
+        f'exec {shlex.quote(str(python))} -m agent "$@"\n'
+    )
     executable.chmod(0o755)
     return GatewayAgent(python, pythonpath, executable)
 
@@ -369,38 +437,72 @@ class SshdServer:
     log_path: Path
     process: subprocess.Popen | None = None
 
-    def ssh_options(self, key: Path | str | ClientKey, cert: Path | str | None,
-                    known_hosts: Path | str | None = None) -> list[str]:
+    def ssh_options(
+        self,
+        key: Path | str | ClientKey,
+        cert: Path | str | None,
+        known_hosts: Path | str | None = None,
+    ) -> list[str]:
         """The ssh options (everything but the destination): `-F none` so no ssh_config of
         this machine interferes, no pseudo-terminal, the global known_hosts off, the rest as the
         sink uses them."""
         options = ["-F", "none", "-T", "-p", str(self.port), "-i", os.fspath(key)]
         if cert is not None:
             options += ["-o", f"CertificateFile={os.fspath(cert)}"]
-        return options + [
-            "-o", "IdentitiesOnly=yes",
-            "-o", f"UserKnownHostsFile={os.fspath(known_hosts or self.known_hosts)}",
-            "-o", "GlobalKnownHostsFile=none", "-o", "StrictHostKeyChecking=yes",
-            "-o", "BatchMode=yes", "-o", "ConnectTimeout=5"]
+        return [
+            *options,
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            f"UserKnownHostsFile={os.fspath(known_hosts or self.known_hosts)}",
+            "-o",
+            "GlobalKnownHostsFile=none",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "ConnectTimeout=5",
+        ]
 
-    def ssh_command(self, user: str, key: Path | str | ClientKey, cert: Path | str | None,
-                    *remote_args: str, known_hosts: Path | str | None = None) -> list[str]:
+    def ssh_command(
+        self,
+        user: str,
+        key: Path | str | ClientKey,
+        cert: Path | str | None,
+        *remote_args: str,
+        known_hosts: Path | str | None = None,
+    ) -> list[str]:
         """`ssh ... user@127.0.0.1 remote_args...`; cert None offers the plain key."""
-        return ["ssh", *self.ssh_options(key, cert, known_hosts), f"{user}@{self.host}",
-                *remote_args]
+        return [
+            "ssh",
+            *self.ssh_options(key, cert, known_hosts),
+            f"{user}@{self.host}",
+            *remote_args,
+        ]
 
     def rsync_rsh(self, key: Path | str | ClientKey, cert: Path | str | None) -> str:
         """The value for `rsync --rsh` (`-e`)."""
         return shlex.join(["ssh", *self.ssh_options(key, cert)])
 
-    def ssh(self, user: str, key: Path | str | ClientKey, cert: Path | str | None,
-            *remote_args: str, known_hosts: Path | str | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def ssh(
+        self,
+        user: str,
+        key: Path | str | ClientKey,
+        cert: Path | str | None,
+        *remote_args: str,
+        known_hosts: Path | str | None = None,
+        timeout: float = 30,
+    ) -> subprocess.CompletedProcess[str]:
         """Run `ssh_command(...)`; return the completed process (text, output captured)."""
-        return subprocess.run(self.ssh_command(user, key, cert, *remote_args,
-                                               known_hosts=known_hosts),
-                              capture_output=True, text=True, timeout=timeout, check=False,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            self.ssh_command(user, key, cert, *remote_args, known_hosts=known_hosts),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
 
     def log(self) -> str:
         """What sshd logged so far (LogLevel VERBOSE: accepted keys with certificate id and
@@ -419,13 +521,18 @@ class SshdServer:
         return True
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")  # noqa: SIM115  # sshd's, until stop
         try:
             # cwd "/": the forced command must not find the checkout by accident (its home
             # directory /nonexistent does not exist, so it stays in sshd's working directory).
-            self.process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)], cwd="/",
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(self.config)],
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         finally:
             log.close()
         deadline = time.monotonic() + 10
@@ -453,9 +560,14 @@ def _config_value(value: str, what: str) -> str:
     return value
 
 
-def _write_sshd(directory: Path, ca: SshCA, force_command: str,
-                env: Mapping[str, str], principals: Mapping[str, Sequence[str]],
-                extra_config: Sequence[str]) -> SshdServer:
+def _write_sshd(
+    directory: Path,
+    ca: SshCA,
+    force_command: str,
+    env: Mapping[str, str],
+    principals: Mapping[str, Sequence[str]],
+    extra_config: Sequence[str],
+) -> SshdServer:
     directory.mkdir(mode=0o755, parents=True)
     host_key = directory / "ssh_host_ed25519_key"
     _keygen(host_key, "backup-agent-tests host key")
@@ -465,8 +577,9 @@ def _write_sshd(directory: Path, ca: SshCA, force_command: str,
     principals_dir.mkdir(mode=0o755)
     for user in GATEWAY_USERS:
         lines = principals.get(user, (user,))
-        (principals_dir / user).write_text("".join(f"{_config_value(p, 'a principal')}\n"
-                                                   for p in lines))
+        (principals_dir / user).write_text(
+            "".join(f"{_config_value(p, 'a principal')}\n" for p in lines)
+        )
         (principals_dir / user).chmod(0o644)
     port = free_port()
     config = directory / "sshd_config"
@@ -506,15 +619,29 @@ def _write_sshd(directory: Path, ca: SshCA, force_command: str,
     config.write_text("\n".join(lines) + "\n")
     known_hosts = directory / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} {host_key_line}\n")
-    return SshdServer(directory=directory, host="127.0.0.1", port=port, ca=ca,
-                      principals_dir=principals_dir, host_key_line=host_key_line,
-                      known_hosts=known_hosts, config=config, log_path=directory / "sshd.log")
+    return SshdServer(
+        directory=directory,
+        host="127.0.0.1",
+        port=port,
+        ca=ca,
+        principals_dir=principals_dir,
+        host_key_line=host_key_line,
+        known_hosts=known_hosts,
+        config=config,
+        log_path=directory / "sshd.log",
+    )
 
 
-def start_sshd(directory: Path, ca: SshCA, force_command: str, *,
-               env: Mapping[str, str] | None = None, env_file: Path | str | None = None,
-               principals: Mapping[str, Sequence[str]] | None = None,
-               extra_config: Sequence[str] = ()) -> SshdServer:
+def start_sshd(
+    directory: Path,
+    ca: SshCA,
+    force_command: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    env_file: Path | str | None = None,
+    principals: Mapping[str, Sequence[str]] | None = None,
+    extra_config: Sequence[str] = (),
+) -> SshdServer:
     """Start sshd with its config, host key and principals in `directory` (new); see the
     `sshd_server` fixture for the arguments. The caller stops it."""
     ensure_gateway_users()
@@ -524,9 +651,14 @@ def start_sshd(directory: Path, ca: SshCA, force_command: str, *,
         os.chown(env_file, 0, grp.getgrnam(GATEWAY_GROUP).gr_gid)
         os.chmod(env_file, 0o640)
     for attempt in range(3):
-        server = _write_sshd(directory if attempt == 0 else directory.with_name(
-            f"{directory.name}-{attempt}"), ca, force_command, env or {}, principals or {},
-            extra_config)
+        server = _write_sshd(
+            directory if attempt == 0 else directory.with_name(f"{directory.name}-{attempt}"),
+            ca,
+            force_command,
+            env or {},
+            principals or {},
+            extra_config,
+        )
         try:
             server.start()
             return server
@@ -595,13 +727,24 @@ def sshd_server(gateway_tmp_path, ssh_ca) -> Iterator[Callable[..., SshdServer]]
     """
     servers: list[SshdServer] = []
 
-    def start(force_command: str, *, env: Mapping[str, str] | None = None,
-              env_file: Path | str | None = None,
-              principals: Mapping[str, Sequence[str]] | None = None, ca: SshCA | None = None,
-              extra_config: Sequence[str] = ()) -> SshdServer:
-        server = start_sshd(gateway_tmp_path / f"sshd{len(servers)}", ca or ssh_ca,
-                            force_command, env=env, env_file=env_file, principals=principals,
-                            extra_config=extra_config)
+    def start(
+        force_command: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        env_file: Path | str | None = None,
+        principals: Mapping[str, Sequence[str]] | None = None,
+        ca: SshCA | None = None,
+        extra_config: Sequence[str] = (),
+    ) -> SshdServer:
+        server = start_sshd(
+            gateway_tmp_path / f"sshd{len(servers)}",
+            ca or ssh_ca,
+            force_command,
+            env=env,
+            env_file=env_file,
+            principals=principals,
+            extra_config=extra_config,
+        )
         servers.append(server)
         return server
 
@@ -612,5 +755,11 @@ def sshd_server(gateway_tmp_path, ssh_ca) -> Iterator[Callable[..., SshdServer]]
 
 # What `from tests.sshd import *` (in conftest.py) brings: the fixtures. Tests import the
 # helpers (SshCA, make_client_key, make_shared_dir, share_tree, ...) from tests.sshd.
-__all__ = ["_gateway_session_dir", "_sshd_tools", "gateway_agent", "gateway_tmp_path", "ssh_ca",
-           "sshd_server"]
+__all__ = [
+    "_gateway_session_dir",
+    "_sshd_tools",
+    "gateway_agent",
+    "gateway_tmp_path",
+    "ssh_ca",
+    "sshd_server",
+]

@@ -24,7 +24,7 @@ def snapshot(root: Path) -> dict[bytes, tuple]:
             common = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
             if stat.S_ISLNK(st.st_mode):
                 result[rel] = (*common, os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
+            elif stat.S_ISDIR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
                 result[rel] = (*common, st.st_mtime_ns)
             else:
                 first = inodes.setdefault((st.st_dev, st.st_ino), rel) if st.st_nlink > 1 else rel
@@ -37,5 +37,6 @@ def snapshot(root: Path) -> dict[bytes, tuple]:
 def extract(archive: Path, target: Path) -> None:
     """Unpack a data.tar.zst with the standard tools, as a user would by hand."""
     target.mkdir(parents=True, exist_ok=True)
-    subprocess.run(f"zstd -dc '{archive}' | tar -x --numeric-owner -p -C '{target}'", shell=True,
-                   check=True)
+    subprocess.run(
+        f"zstd -dc '{archive}' | tar -x --numeric-owner -p -C '{target}'", shell=True, check=True
+    )

@@ -23,8 +23,14 @@ def test_cron_runs_the_schedule_and_skips_ticks_of_a_job_still_running(make_app,
     env = agent_env(app, tmp_path / "handover", CRON_BACKUP="* * * * * *")
 
     process = start_agent(env, "cron")
-    wait_until(lambda: len(list((tmp_path / "handover" / "data").glob("*"))) >= 2
-               if (tmp_path / "handover" / "data").exists() else False, timeout=60)
+    wait_until(
+        lambda: (
+            len(list((tmp_path / "handover" / "data").glob("*"))) >= 2
+            if (tmp_path / "handover" / "data").exists()
+            else False
+        ),
+        timeout=60,
+    )
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
 
@@ -39,16 +45,15 @@ def test_cron_runs_the_schedule_and_skips_ticks_of_a_job_still_running(make_app,
     assert health.stdout.startswith("healthy: backup last succeeded")
 
 
-def test_sigterm_during_a_scheduled_backup_starts_the_app_again_and_exits_cleanly(make_app,
-                                                                                  tmp_path):
+def test_sigterm_during_a_scheduled_backup_starts_the_app_again_and_exits_cleanly(
+    make_app, tmp_path
+):
     app = make_app(extra_labels=SLOW)
-    env = agent_env(app, tmp_path / "handover", CRON_BACKUP="0 0 1 1 *",
-                    CRON_AT_START="backup")
+    env = agent_env(app, tmp_path / "handover", CRON_BACKUP="0 0 1 1 *", CRON_AT_START="backup")
     record = tmp_path / "handover" / ".state" / "quiesced.json"
 
     process = start_agent(env, "cron")
-    wait_until(lambda: record.exists() or process.poll() is not None, timeout=60,
-               interval=0.005)
+    wait_until(lambda: record.exists() or process.poll() is not None, timeout=60, interval=0.005)
     assert app.reload() != "running" or record.exists()
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
@@ -61,8 +66,7 @@ def test_sigterm_during_a_scheduled_backup_starts_the_app_again_and_exits_cleanl
 
 def test_health_reports_a_failed_last_run(make_app, tmp_path):
     app = make_app(extra_labels={"backup.pre-command": "exit 7"})
-    env = agent_env(app, tmp_path / "handover", CRON_BACKUP="0 0 1 1 *",
-                    CRON_AT_START="backup")
+    env = agent_env(app, tmp_path / "handover", CRON_BACKUP="0 0 1 1 *", CRON_AT_START="backup")
     assert run_agent(env, "health").returncode == 1  # no status yet: cron never ran
 
     process = start_agent(env, "cron")

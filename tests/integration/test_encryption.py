@@ -24,14 +24,17 @@ ENCRYPTED = "data.tar.zst.age"
 def age_key(path: Path) -> tuple[Path, str]:
     """Make an age identity file; return it and its public key."""
     subprocess.run(["age-keygen", "-o", str(path)], check=True, capture_output=True)
-    public = subprocess.run(["age-keygen", "-y", str(path)], check=True, capture_output=True,
-                            text=True).stdout.strip()
+    public = subprocess.run(
+        ["age-keygen", "-y", str(path)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     return path, public
 
 
 def ssh_key(path: Path) -> tuple[Path, str]:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ops@example.org",
-                    "-f", str(path)], check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ops@example.org", "-f", str(path)],
+        check=True,
+    )
     return path, Path(f"{path}.pub").read_text().strip()
 
 
@@ -49,7 +52,8 @@ def back_up_into_the_source_store(env: dict[str, str], tmp_path: Path) -> Path:
 
 
 def test_an_encrypted_generation_restores_the_exact_tree_and_age_d_gives_the_archive(
-        make_app, tmp_path):
+    make_app, tmp_path
+):
     app = make_app()
     make_realistic_tree(app.data_dir)
     before = snapshot(app.data_dir)
@@ -63,14 +67,21 @@ def test_an_encrypted_generation_restores_the_exact_tree_and_age_d_gives_the_arc
     stored = (gen_dir / ENCRYPTED).read_bytes()
     assert stored.startswith(b"age-encryption.org/v1\n")
     assert (entry["size"], entry["sha256"]) == (len(stored), hashlib.sha256(stored).hexdigest())
-    by_hand = subprocess.run(["age", "-d", "-i", str(key), str(gen_dir / ENCRYPTED)],
-                             check=True, capture_output=True).stdout
+    by_hand = subprocess.run(
+        ["age", "-d", "-i", str(key), str(gen_dir / ENCRYPTED)], check=True, capture_output=True
+    ).stdout
     assert (entry["plaintext_size"], entry["plaintext_sha256"]) == (
-        len(by_hand), hashlib.sha256(by_hand).hexdigest())
+        len(by_hand),
+        hashlib.sha256(by_hand).hexdigest(),
+    )
     unpacked = tmp_path / "by-hand"
     unpacked.mkdir()
-    subprocess.run(f"age -d -i '{key}' '{gen_dir / ENCRYPTED}' | zstd -d | "
-                   f"tar -x --numeric-owner -p -C '{unpacked}'", shell=True, check=True)
+    subprocess.run(
+        f"age -d -i '{key}' '{gen_dir / ENCRYPTED}' | zstd -d | "
+        f"tar -x --numeric-owner -p -C '{unpacked}'",
+        shell=True,
+        check=True,
+    )
     assert snapshot(unpacked / str(app.data_dir).lstrip("/")) == before
 
     wipe(app.data_dir)
@@ -106,8 +117,9 @@ def test_a_truncated_or_changed_ciphertext_is_detected(make_app, tmp_path):
     app = make_app()
     (app.data_dir / "file").write_bytes(os.urandom(300_000))
     key, public = age_key(tmp_path / "key.txt")
-    env = agent_env(app, tmp_path / "handover", ENCRYPT_RECIPIENTS=public,
-                    DECRYPT_IDENTITY_FILE=str(key))
+    env = agent_env(
+        app, tmp_path / "handover", ENCRYPT_RECIPIENTS=public, DECRYPT_IDENTITY_FILE=str(key)
+    )
     gen_dir = back_up_into_the_source_store(env, tmp_path)
     before = snapshot(app.data_dir)
     archive = gen_dir / ENCRYPTED
@@ -121,8 +133,11 @@ def test_a_truncated_or_changed_ciphertext_is_detected(make_app, tmp_path):
             body["files"][0].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
             (gen_dir / "MANIFEST.json").write_text(json.dumps(body))
 
-    for data in (original[:-1000], original[:len(original) // 2],
-                 original[:5000] + bytes([original[5000] ^ 1]) + original[5001:]):
+    for data in (
+        original[:-1000],
+        original[: len(original) // 2],
+        original[:5000] + bytes([original[5000] ^ 1]) + original[5001:],
+    ):
         for manifest_too in (False, True):
             damage(data, manifest_too)
             restored = run_agent(env, "restore")
@@ -132,12 +147,12 @@ def test_a_truncated_or_changed_ciphertext_is_detected(make_app, tmp_path):
             assert checked.returncode == 1, checked.stderr
             # without the key only the stored hash can be checked: it finds plain damage
             assert run_agent(without_key, "verify", "--all").returncode == (
-                0 if manifest_too else 1)
+                0 if manifest_too else 1
+            )
     assert app.reload() == "running"
 
 
-def test_verify_without_a_key_checks_the_ciphertext_and_with_one_the_plaintext(make_app,
-                                                                            tmp_path):
+def test_verify_without_a_key_checks_the_ciphertext_and_with_one_the_plaintext(make_app, tmp_path):
     app = make_app()
     (app.data_dir / "file").write_text("data")
     key, public = age_key(tmp_path / "key.txt")
@@ -167,42 +182,58 @@ def test_ssh_recipients_work_through_push_and_restore_from_s3(make_app, s3, tmp_
     _, age_public = age_key(tmp_path / "key.txt")
     recipients = tmp_path / "recipients.txt"
     recipients.write_text(f"# operators\n{ssh_public}\n{age_public}\n")
-    env = push_env(app, tmp_path, s3, ENCRYPT_RECIPIENTS_FILE=str(recipients))
+    env = push_env(
+        app, tmp_path, s3, ENCRYPT_RECIPIENTS_FILE=str(recipients), DATA_FORMAT="archive"
+    )
 
     assert run_agent(env, "source", "run").returncode == 0
 
     [gen] = os.listdir(tmp_path / "store" / "data")
     assert any(k.endswith(f"/data/{gen}/{ENCRYPTED}") for k in s3.keys(""))
-    by_hand = subprocess.run(["age", "-d", "-i", str(ssh_private),
-                              str(tmp_path / "store" / "data" / gen / ENCRYPTED)],
-                             check=True, capture_output=True).stdout
+    by_hand = subprocess.run(
+        ["age", "-d", "-i", str(ssh_private), str(tmp_path / "store" / "data" / gen / ENCRYPTED)],
+        check=True,
+        capture_output=True,
+    ).stdout
     assert by_hand.startswith(b"\x28\xb5\x2f\xfd")  # a zstd frame
     wipe(app.data_dir)
-    result = run_agent({**env, "DECRYPT_IDENTITY_FILE": str(ssh_private)}, "restore",
-                       "--from", "s3")
+    result = run_agent(
+        {**env, "DECRYPT_IDENTITY_FILE": str(ssh_private)}, "restore", "--from", "s3"
+    )
     assert result.returncode == 0, result.stderr
     assert snapshot(app.data_dir) == before
     assert run_agent(env, "verify", "--all").returncode == 0
 
 
 def test_encrypted_logs_and_data_are_pulled_and_verified_on_the_sink_with_its_key(
-        make_app, site, tmp_path):  # noqa: F811
+    make_app, site, tmp_path
+):
     app = make_app()
     make_realistic_tree(app.data_dir)
     (app.logs_dir / "nested").mkdir()
     (app.logs_dir / "nested" / "audit.log").write_text("login\n")
     key, public = age_key(tmp_path / "key.txt")
-    env = agent_env(app, site.handover, site.mail, SOURCE_STORE_DIR=str(site.source_store),
-                    ENCRYPT_RECIPIENTS=public, ENCRYPT_LOGS="true")
+    env = agent_env(
+        app,
+        site.handover,
+        site.mail,
+        SOURCE_STORE_DIR=str(site.source_store),
+        ENCRYPT_RECIPIENTS=public,
+        ENCRYPT_LOGS="true",
+    )
     assert run_agent(env, "source", "backup").returncode == 0
     [gen] = site.waiting("logs")
     logs_dir = site.handover / "logs" / gen
     body = json.loads((logs_dir / "MANIFEST.json").read_text())
-    assert body["files"] and all(f["path"].endswith(".age") and "plaintext_sha256" in f
-                                 for f in body["files"])
+    assert body["files"] and all(
+        f["path"].endswith(".age") and "plaintext_sha256" in f for f in body["files"]
+    )
     for entry in body["files"]:
-        plain = subprocess.run(["age", "-d", "-i", str(key), str(logs_dir / entry["path"])],
-                               check=True, capture_output=True).stdout
+        plain = subprocess.run(
+            ["age", "-d", "-i", str(key), str(logs_dir / entry["path"])],
+            check=True,
+            capture_output=True,
+        ).stdout
         assert hashlib.sha256(plain).hexdigest() == entry["plaintext_sha256"]
         if entry["path"].endswith("nested/audit.log.age"):
             assert plain == b"login\n"
@@ -218,6 +249,7 @@ def test_encrypted_logs_and_data_are_pulled_and_verified_on_the_sink_with_its_ke
     result = run_agent(with_key, "verify", "--all")
     assert result.returncode == 0, result.stderr
     wipe(app.data_dir)
-    restored = run_agent({**env, "DECRYPT_IDENTITY_FILE": str(key)}, "restore",
-                         "--from", str(site.sink_store))
+    restored = run_agent(
+        {**env, "DECRYPT_IDENTITY_FILE": str(key)}, "restore", "--from", str(site.sink_store)
+    )
     assert restored.returncode == 0, restored.stderr

@@ -19,40 +19,55 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (AGENT, ROOT, App, MailBox, agent_env, run_agent, start_agent,
-                            wait_until)
+from tests.conftest import (
+    AGENT,
+    NEVER_READY,
+    ROOT,
+    WAIT,
+    App,
+    MailBox,
+    agent_env,
+    run_agent,
+    start_agent,
+    wait_until,
+)
 
 pytestmark = pytest.mark.docker
 
-STEP_BULK = ("1.b collect application data, 1.d collect log data "
-             "(bulk pass, application running)")
-STEP_FINAL = ("1.b collect application data, 1.d collect log data "
-              "(final pass, application stopped)")
+STEP_BULK = "1.b collect application data, 1.d collect log data (bulk pass, application running)"
+STEP_FINAL = "1.b collect application data, 1.d collect log data (final pass, application stopped)"
 STEP_ARCHIVE = "1.b collect application data (archive, application stopped)"
 STEP_FOR_MODE = {"mirror": STEP_FINAL, "direct": STEP_ARCHIVE}
 
 # Runs a command without the two capabilities that let root read any file, so a file of
 # another user with mode 000 is unreadable even though the agent runs as root.
-WITHOUT_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-               "--bounding-set=-dac_override,-dac_read_search", "--"]
+WITHOUT_DAC = [
+    "setpriv",
+    "--inh-caps=-dac_override,-dac_read_search",
+    "--bounding-set=-dac_override,-dac_read_search",
+    "--",
+]
 
 # An application that leaves a file of another user with mode 000 behind when it stops.
-UNREADABLE_ON_STOP = """
+UNREADABLE_ON_STOP = f"""
 trap 'echo secret > /data/locked; chown 4242 /data/locked; chmod 000 /data/locked; exit 0' TERM
-while true; do echo "line $(date +%s.%N)" >> /logs/app.log; sleep 0.2 & wait $!; done
+{NEVER_READY}
+while true; do echo "line $EPOCHREALTIME" >> /logs/app.log; {WAIT}; done
 """
 
 # An application that writes 10 MB of incompressible data when it stops.
-TEN_MB_ON_STOP = """
+TEN_MB_ON_STOP = f"""
 trap 'head -c 10485760 /dev/urandom > /data/big.bin; exit 0' TERM
-while true; do echo "line $(date +%s.%N)" >> /logs/app.log; sleep 0.2 & wait $!; done
+{NEVER_READY}
+while true; do echo "line $EPOCHREALTIME" >> /logs/app.log; {WAIT}; done
 """
 
 # An application that notes SIGTERM in its data volume and carries on: Docker waits
 # STOP_TIMEOUT seconds, then kills it. The note shows the stop is under way.
-IGNORES_TERM = """
+IGNORES_TERM = f"""
 trap 'touch /data/term-received' TERM
-while true; do sleep 0.2; done
+{NEVER_READY}
+while true; do {WAIT}; done
 """
 
 
@@ -66,14 +81,22 @@ def stop_requested(app: App) -> bool:
 def env_for(app: App, handover: Path, mail: MailBox | None = None, **extra: str) -> dict[str, str]:
     """agent_env with pre/post-command labels of this app's own, so the agent never runs the
     commands of other tests' containers on the same engine (and theirs never run ours)."""
-    own = {"PRE_COMMAND_LABEL": f"{app.label}.pre-command",
-           "POST_COMMAND_LABEL": f"{app.label}.post-command"}
+    own = {
+        "PRE_COMMAND_LABEL": f"{app.label}.pre-command",
+        "POST_COMMAND_LABEL": f"{app.label}.post-command",
+    }
     return agent_env(app, handover, mail, **{**own, **extra})
 
 
 def run_without_dac(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*WITHOUT_DAC, *AGENT, "source", "backup"], env=env,
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [*WITHOUT_DAC, *AGENT, "source", "backup"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
 
 
 def generations(handover: Path, kind: str) -> list[str]:
@@ -116,34 +139,35 @@ def assert_alert(mail: MailBox, step: str, *in_body: str) -> str:
 
 def deaths(docker_client, app: App, since: float) -> int:
     """How often the engine saw the app's container die since `since`."""
-    events = docker_client.events(since=int(since) - 1, until=time.time(), decode=True,
-                                  filters={"container": app.container.id, "event": "die"})
+    events = docker_client.events(
+        since=int(since) - 1,
+        until=time.time(),
+        decode=True,
+        filters={"container": app.container.id, "event": "die"},
+    )
     return sum(1 for _ in events)
 
 
 def wait_while_running(agent: subprocess.Popen[str], predicate, timeout: float = 30.0) -> None:
     """Wait until `predicate()` holds; fail at once, with the agent's log, if the agent ends
     first (the window the test needed has passed)."""
+
     def reached() -> bool:
         if agent.poll() is not None:
-            raise AssertionError(f"the agent ended (exit {agent.returncode}) before the "
-                                 f"condition was reached:\n{agent.communicate()[1]}")
+            raise AssertionError(
+                f"the agent ended (exit {agent.returncode}) before the "
+                f"condition was reached:\n{agent.communicate()[1]}"
+            )
         return predicate()
+
     wait_until(reached, timeout=timeout)
     assert agent.poll() is None
 
 
 @pytest.fixture
-def full_tmpfs(tmp_path) -> Iterator[Path]:
-    """A 2 MB tmpfs to use as the handover; unmounted even when the test fails."""
-    mountpoint = tmp_path / "handover"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)],
-                   check=True)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", "--lazy", str(mountpoint)], check=False)
+def full_tmpfs(make_tmpfs) -> Path:
+    """A 2 MB tmpfs to use as the handover."""
+    return make_tmpfs("handover", "2m")
 
 
 @pytest.fixture
@@ -161,8 +185,9 @@ def agents() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 @pytest.mark.parametrize("collect_mode", ["mirror", "direct"])
-def test_app_is_started_again_when_a_file_is_unreadable(make_app, tmp_path, smtp_server,
-                                                        collect_mode):
+def test_app_is_started_again_when_a_file_is_unreadable(
+    make_app, tmp_path, smtp_server, collect_mode
+):
     app = make_app(UNREADABLE_ON_STOP)
     (app.data_dir / "readable.txt").write_text("fine\n")
     started_before = app.started_at()
@@ -178,8 +203,9 @@ def test_app_is_started_again_when_a_file_is_unreadable(make_app, tmp_path, smtp
     assert_nothing_handed_over(handover)
 
 
-def test_app_is_never_stopped_when_the_bulk_pass_cannot_read_a_file(make_app, tmp_path,
-                                                                    smtp_server):
+def test_app_is_never_stopped_when_the_bulk_pass_cannot_read_a_file(
+    make_app, tmp_path, smtp_server
+):
     app = make_app()
     locked = app.data_dir / "locked"
     locked.write_text("secret\n")
@@ -200,13 +226,15 @@ def test_app_is_never_stopped_when_the_bulk_pass_cannot_read_a_file(make_app, tm
 
 
 @pytest.mark.parametrize("collect_mode", ["mirror", "direct"])
-def test_app_is_started_again_when_the_handover_is_full(make_app, full_tmpfs, smtp_server,
-                                                        collect_mode):
+def test_app_is_started_again_when_the_handover_is_full(
+    make_app, full_tmpfs, smtp_server, collect_mode
+):
     app = make_app(TEN_MB_ON_STOP)
     started_before = app.started_at()
 
-    result = run_agent(env_for(app, full_tmpfs, smtp_server, COLLECT_MODE=collect_mode),
-                       "source", "backup")
+    result = run_agent(
+        env_for(app, full_tmpfs, smtp_server, COLLECT_MODE=collect_mode), "source", "backup"
+    )
 
     assert result.returncode == 1, result.stderr
     assert app.reload() == "running"
@@ -219,24 +247,26 @@ def test_app_is_started_again_when_the_handover_is_full(make_app, full_tmpfs, sm
 # ---------------------------------------------------------------- killed or interrupted
 
 
-def test_a_run_killed_while_the_app_is_stopped_is_repaired_by_the_next_run(make_app, tmp_path,
-                                                                          agents):
+def test_a_run_killed_while_the_app_is_stopped_is_repaired_by_the_next_run(
+    make_app, tmp_path, agents
+):
     # Containers are stopped in name order: `bt-a-…` stops at once, then Docker waits
     # STOP_TIMEOUT seconds for `bt-b-…`, which ignores SIGTERM — the window for the kill.
     fast = make_app(name_prefix="bt-a")
-    slow = make_app(IGNORES_TERM, name_prefix="bt-b", stop_label=False,
-                    extra_labels={fast.label: "true"})
+    slow = make_app(
+        IGNORES_TERM, name_prefix="bt-b", stop_label=False, extra_labels={fast.label: "true"}
+    )
     handover = tmp_path / "handover"
-    agent = start_agent(env_for(fast, handover, STOP_TIMEOUT="2"), "source", "backup")
+    agent = start_agent(env_for(fast, handover, STOP_TIMEOUT="10"), "source", "backup")
     agents.append(agent)
 
     wait_while_running(agent, lambda: stop_requested(slow))
     assert fast.reload() == "exited"
     agent.send_signal(signal.SIGKILL)
-    agent.communicate(timeout=10)
+    agent.communicate(timeout=60)
     assert agent.returncode == -signal.SIGKILL
     # The engine finishes the stop the dead agent asked for; nobody starts either again.
-    wait_until(lambda: slow.reload() == "exited", timeout=10)
+    wait_until(lambda: slow.reload() == "exited", timeout=60)
     assert fast.reload() == "exited"
 
     result = run_agent(env_for(fast, handover, STOP_TIMEOUT="1"), "source", "backup")
@@ -250,7 +280,8 @@ def test_a_run_killed_while_the_app_is_stopped_is_repaired_by_the_next_run(make_
 
 
 def test_sigterm_during_the_copy_starts_the_app_and_leaves_no_half_generation(
-        make_app, tmp_path, smtp_server, agents):
+    make_app, tmp_path, smtp_server, agents
+):
     app = make_app()
     # Incompressible data at zstd level 19 compresses at about 3 MB/s: a copy of 2-3 seconds.
     # (More data only makes the agent linger longer at exit: zstd's workers finish their jobs.)
@@ -259,13 +290,18 @@ def test_sigterm_during_the_copy_starts_the_app_and_leaves_no_half_generation(
     started_before = app.started_at()
     handover = tmp_path / "handover"
     archive = handover / ".staging" / "data" / "data.tar.zst"
-    agent = start_agent(env_for(app, handover, smtp_server, COLLECT_MODE="direct",
-                                ZSTD_LEVEL="19"), "source", "backup")
+    agent = start_agent(
+        env_for(app, handover, smtp_server, COLLECT_MODE="direct", ZSTD_LEVEL="19"),
+        "source",
+        "backup",
+    )
     agents.append(agent)
 
     wait_while_running(agent, lambda: archive.exists() and app.reload() == "exited")
     agent.send_signal(signal.SIGTERM)
-    _, stderr = agent.communicate(timeout=30)
+    # zstd's workers finish the job they hold before the agent can exit: at level 19 that took
+    # more than 30 s on a loaded machine.
+    _, stderr = agent.communicate(timeout=180)
 
     assert agent.returncode == 128 + signal.SIGTERM, stderr
     assert app.reload() == "running"
@@ -279,13 +315,13 @@ def test_sigterm_during_the_copy_starts_the_app_and_leaves_no_half_generation(
 # "every container it stopped" must then wait for that stop to end before starting.
 
 
-def test_sigterm_while_a_container_is_stopping_starts_it_again(make_app, tmp_path, smtp_server,
-                                                               docker_client, agents):
+def test_sigterm_while_a_container_is_stopping_starts_it_again(
+    make_app, tmp_path, smtp_server, docker_client, agents
+):
     slow = make_app(IGNORES_TERM)
     handover = tmp_path / "handover"
     since = time.time()
-    agent = start_agent(env_for(slow, handover, smtp_server, STOP_TIMEOUT="2"),
-                        "source", "backup")
+    agent = start_agent(env_for(slow, handover, smtp_server, STOP_TIMEOUT="10"), "source", "backup")
     agents.append(agent)
     wait_while_running(agent, lambda: stop_requested(slow))
 
@@ -296,29 +332,35 @@ def test_sigterm_while_a_container_is_stopping_starts_it_again(make_app, tmp_pat
     assert_alert_step(smtp_server, "1.a stop the application", "interrupted by SIGTERM")
     # The engine ends the stop it was asked for (SIGKILL after STOP_TIMEOUT); the application
     # must be running after that.
-    wait_until(lambda: deaths(docker_client, slow, since) >= 1, timeout=15, interval=0.2)
+    wait_until(lambda: deaths(docker_client, slow, since) >= 1, timeout=60, interval=0.2)
     assert slow.reload() == "running", "the application was left stopped:\n" + stderr
 
 
 def test_a_container_still_stopping_for_a_killed_run_is_started_by_the_next_run(
-        make_app, tmp_path, agents):
+    make_app, tmp_path, agents
+):
     # The killed run asked the engine to stop `slow`; the engine finishes that stop
     # STOP_TIMEOUT seconds later, while the next run is already past its reconcile step
     # (held up here by a pre-command; in real life by the bulk pass over a large data set).
+    # The margins (6 s, 8 s) leave the next run seconds to start on a loaded machine.
     slow = make_app(IGNORES_TERM)
     pre_label = f"{slow.label}.pre-command"
-    make_app(stop_label=False, extra_labels={pre_label: "sleep 4"})
+    make_app(stop_label=False, extra_labels={pre_label: "sleep 8"})
     handover = tmp_path / "handover"
-    agent = start_agent(env_for(slow, handover, STOP_TIMEOUT="3",
-                                PRE_COMMAND_LABEL=f"{slow.label}.none"), "source", "backup")
+    agent = start_agent(
+        env_for(slow, handover, STOP_TIMEOUT="6", PRE_COMMAND_LABEL=f"{slow.label}.none"),
+        "source",
+        "backup",
+    )
     agents.append(agent)
     wait_while_running(agent, lambda: stop_requested(slow))
     agent.send_signal(signal.SIGKILL)
-    agent.communicate(timeout=10)
+    agent.communicate(timeout=60)
     assert slow.reload() == "running", "the engine has not finished the stop yet"
 
-    result = run_agent(env_for(slow, handover, STOP_TIMEOUT="1", PRE_COMMAND_LABEL=pre_label),
-                       "source", "backup")
+    result = run_agent(
+        env_for(slow, handover, STOP_TIMEOUT="1", PRE_COMMAND_LABEL=pre_label), "source", "backup"
+    )
 
     assert result.returncode == 0, result.stderr
     assert slow.reload() == "running", "the application was left stopped:\n" + result.stderr
@@ -328,15 +370,18 @@ def test_a_container_still_stopping_for_a_killed_run_is_started_by_the_next_run(
 
 
 def test_a_second_run_while_one_is_running_exits_3_and_touches_nothing(
-        make_app, tmp_path, smtp_server, docker_client, agents):
+    make_app, tmp_path, smtp_server, docker_client, agents
+):
     app = make_app(IGNORES_TERM)
     started_before = app.started_at()
     since = time.time()
     handover = tmp_path / "handover"
-    env = env_for(app, handover, smtp_server, STOP_TIMEOUT="3")
+    # The stop of an application that ignores SIGTERM takes STOP_TIMEOUT seconds: enough for
+    # the second run to start and be refused on a loaded machine (3 s was not, once).
+    env = env_for(app, handover, smtp_server, STOP_TIMEOUT="20")
     first = start_agent(env, "source", "backup")
     agents.append(first)
-    # The first run is now in the stop, which takes STOP_TIMEOUT seconds.
+    # The first run is now in the stop.
     wait_while_running(first, lambda: stop_requested(app))
 
     second = run_agent(env, "source", "backup", timeout=30)
@@ -357,13 +402,17 @@ def test_a_second_run_while_one_is_running_exits_3_and_touches_nothing(
 
 
 def test_invalid_configuration_exits_2_naming_every_bad_variable_and_touches_nothing(
-        make_app, tmp_path, smtp_server):
+    make_app, tmp_path, smtp_server
+):
     app = make_app()
     started_before = app.started_at()
     handover = tmp_path / "handover"
 
-    result = run_agent(env_for(app, handover, smtp_server, QUIESCE_MODE="bogus",
-                               STOP_TIMEOUT="-1"), "source", "backup")
+    result = run_agent(
+        env_for(app, handover, smtp_server, QUIESCE_MODE="bogus", STOP_TIMEOUT="-1"),
+        "source",
+        "backup",
+    )
 
     assert result.returncode == 2, result.stderr
     assert "QUIESCE_MODE: 'bogus' is not allowed; use one of: stop, pause" in result.stderr
@@ -375,20 +424,25 @@ def test_invalid_configuration_exits_2_naming_every_bad_variable_and_touches_not
 # ---------------------------------------------------------------- pre-commands
 
 
-def test_a_failing_pre_command_fails_the_run_before_the_app_is_stopped(make_app, tmp_path,
-                                                                       smtp_server):
+def test_a_failing_pre_command_fails_the_run_before_the_app_is_stopped(
+    make_app, tmp_path, smtp_server
+):
     # The label key is unique to this test, so no other agent on this engine runs the command.
     label = f"backup.test-{uuid.uuid4().hex[:10]}.pre-command"
     app = make_app(extra_labels={label: "echo dumping; exit 7"})
     started_before = app.started_at()
     handover = tmp_path / "handover"
 
-    result = run_agent(env_for(app, handover, smtp_server, PRE_COMMAND_LABEL=label),
-                       "source", "backup")
+    result = run_agent(
+        env_for(app, handover, smtp_server, PRE_COMMAND_LABEL=label), "source", "backup"
+    )
 
     assert result.returncode == 1, result.stderr
     assert app.reload() == "running" and app.started_at() == started_before
-    assert_alert(smtp_server, "pre-commands",
-                 f"{label} in container {app.container.name} exited with 7", "dumping")
+    assert_alert(
+        smtp_server,
+        "pre-commands",
+        f"{label} in container {app.container.name} exited with 7",
+        "dumping",
+    )
     assert_nothing_handed_over(handover)
-

@@ -69,13 +69,14 @@ def push_env(app, tmp_path: Path, s3, mail=None, **extra: str) -> dict[str, str]
     return {**agent_env(app, tmp_path / "handover", mail, **extra), **s3.env()}
 
 
-def test_restore_drill_from_s3_brings_back_the_exact_tree_and_the_app_runs(make_app, s3,
-                                                                            smtp_server,
-                                                                            tmp_path):
+@pytest.mark.parametrize("data_format", ["chunks", "archive"])
+def test_restore_drill_from_s3_brings_back_the_exact_tree_and_the_app_runs(
+    make_app, s3, smtp_server, tmp_path, data_format
+):
     app = make_app()
     make_realistic_tree(app.data_dir)
     before = snapshot(app.data_dir)
-    env = push_env(app, tmp_path, s3, smtp_server)
+    env = push_env(app, tmp_path, s3, smtp_server, DATA_FORMAT=data_format)
     assert run_agent(env, "source", "run").returncode == 0
     [gen] = os.listdir(tmp_path / "store" / "data")
     shutil.rmtree(tmp_path / "store")  # the source store is lost with the host
@@ -85,8 +86,10 @@ def test_restore_drill_from_s3_brings_back_the_exact_tree_and_the_app_runs(make_
     result = run_agent(env, "restore", "--from", "s3")
 
     assert result.returncode == 0, result.stderr
-    assert f"restored data generation {gen} from s3://{S3_BUCKET}/{S3_PREFIX}/test-source" in \
-        result.stdout
+    assert (
+        f"restored data generation {gen} from s3://{S3_BUCKET}/{S3_PREFIX}/test-source"
+        in result.stdout
+    )
     assert snapshot(app.data_dir) == before
     assert os.stat(app.data_dir / "sparse.img").st_blocks * 512 < 10 * MiB, "sparse file filled"
     assert app.reload() == "running"
@@ -94,12 +97,13 @@ def test_restore_drill_from_s3_brings_back_the_exact_tree_and_the_app_runs(make_
     assert smtp_server.messages == []
 
 
-def test_restore_drill_from_a_pull_mode_sink_store(make_app, site, tmp_path):  # noqa: F811
+def test_restore_drill_from_a_pull_mode_sink_store(make_app, site, tmp_path):
     app = make_app()
     make_realistic_tree(app.data_dir)
     before = snapshot(app.data_dir)
-    env = agent_env(app, site.handover, site.mail, SOURCE_STORE_DIR=str(site.source_store),
-                    LOG_PATHS="")
+    env = agent_env(
+        app, site.handover, site.mail, SOURCE_STORE_DIR=str(site.source_store), LOG_PATHS=""
+    )
     assert run_agent(env, "source", "backup").returncode == 0
     assert site.pull("data").returncode == 0
     [gen] = site.stored("data")
@@ -116,8 +120,9 @@ def test_restore_drill_from_a_pull_mode_sink_store(make_app, site, tmp_path):  #
     assert site.mail.messages == []
 
 
-def test_restore_without_options_takes_the_newest_generation_of_the_source_store(make_app,
-                                                                                 tmp_path):
+def test_restore_without_options_takes_the_newest_generation_of_the_source_store(
+    make_app, tmp_path
+):
     app = make_app()
     (app.data_dir / "file").write_text("first")
     env = agent_env(app, tmp_path / "handover")
@@ -194,8 +199,9 @@ def test_an_unknown_generation_is_refused_with_exit_2_and_nothing_touched(make_a
     assert app.started_at() == started
 
 
-def test_a_failing_swap_puts_the_previous_contents_back_and_starts_the_app(make_app,
-                                                                          smtp_server, tmp_path):
+def test_a_failing_swap_puts_the_previous_contents_back_and_starts_the_app(
+    make_app, smtp_server, tmp_path
+):
     app = make_app()
     (app.data_dir / "file").write_text("from the backup")
     env = agent_env(app, tmp_path / "handover", smtp_server)
@@ -205,8 +211,7 @@ def test_a_failing_swap_puts_the_previous_contents_back_and_starts_the_app(make_
     (app.data_dir / "zz-mounted" / "inside").write_text("on a tmpfs")
     before = snapshot(app.data_dir)
     # A mount point inside the data path cannot be renamed away: the swap fails (EBUSY).
-    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(app.data_dir / "zz-mounted")],
-                   check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(app.data_dir / "zz-mounted")], check=True)
     try:
         (app.data_dir / "zz-mounted" / "inside").write_text("on a tmpfs")
         result = run_agent(env, "restore", "--from", "handover")
@@ -234,8 +239,9 @@ def test_a_restore_killed_during_the_swap_is_rolled_back_by_the_next_run(make_ap
     record = tmp_path / "handover" / ".state" / "restore.json"
 
     process = start_agent(env, "restore", "--from", "handover")
-    wait_until(lambda: record.exists() and "moving" in record.read_text(), timeout=120,
-               interval=0.001)
+    wait_until(
+        lambda: record.exists() and "moving" in record.read_text(), timeout=120, interval=0.001
+    )
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert app.reload() != "running"  # stopped by the killed run
@@ -254,7 +260,7 @@ def test_sigterm_during_the_unpack_leaves_everything_as_it_was(make_app, tmp_pat
     with open(app.data_dir / "big", "wb") as handle:
         for _ in range(64):
             handle.write(os.urandom(4 * MiB))
-    env = agent_env(app, tmp_path / "handover", LOG_PATHS="", ZSTD_LEVEL="19")
+    env = agent_env(app, tmp_path / "handover", LOG_PATHS="")
     assert run_agent(env, "source", "backup", timeout=300).returncode == 0
     (app.data_dir / "big").write_text("current")
     before = snapshot(app.data_dir)
@@ -276,7 +282,7 @@ def test_sigterm_during_the_unpack_leaves_everything_as_it_was(make_app, tmp_pat
 def test_verify_finds_a_changed_or_missing_file_and_alerts(make_app, s3, smtp_server, tmp_path):
     app = make_app()
     (app.data_dir / "file").write_text("data")
-    env = push_env(app, tmp_path, s3, smtp_server, PUSH_LOGS="true")
+    env = push_env(app, tmp_path, s3, smtp_server, PUSH_LOGS="true", DATA_FORMAT="archive")
     assert run_agent(env, "source", "run").returncode == 0
     assert run_agent(env, "verify", "--all").returncode == 0
     [gen] = os.listdir(tmp_path / "store" / "data")
@@ -285,9 +291,10 @@ def test_verify_finds_a_changed_or_missing_file_and_alerts(make_app, s3, smtp_se
     damaged = bytearray(archive.read_bytes())
     damaged[100] ^= 0xFF
     archive.write_bytes(bytes(damaged))
-    s3.client().delete_object(Bucket=S3_BUCKET,
-                              Key=f"{S3_PREFIX}/test-source/logs/{gen}/"
-                                  f"{str(app.logs_dir / 'app.log').lstrip('/')}")
+    s3.client().delete_object(
+        Bucket=S3_BUCKET,
+        Key=f"{S3_PREFIX}/test-source/logs/{gen}/{str(app.logs_dir / 'app.log').lstrip('/')}",
+    )
     result = run_agent(env, "verify", "--latest")
 
     assert result.returncode == 1
@@ -320,7 +327,7 @@ def test_list_shows_every_store_and_when_each_generation_was_verified(make_app, 
     assert table.returncode == 0 and "never" in table.stdout and gen in table.stdout
 
 
-def test_verify_on_the_sink_checks_its_store_for_every_source(site):  # noqa: F811
+def test_verify_on_the_sink_checks_its_store_for_every_source(site):
     from tests.generations import make_generation
     from tests.sshd import share_tree
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent import archive, manifest
-from agent.manifest import FileEntry, Manifest
-from agent.restore import REPLACED, STAGING
+from agent.core import archive, manifest
+from agent.core.manifest import FileEntry, Manifest
+from agent.swap.journal import REPLACED, STAGING
 from tests.conftest import App, MailBox, agent_env, run_agent
 from tests.trees import snapshot
 
@@ -95,11 +95,19 @@ def put_generation(store: Path, data_dir: Path, make: Callable[[Path], None]) ->
     target = gen_dir / archive.ARCHIVE_NAME
     make(target)
     digest = archive.hash_file(target)
-    manifest.write(gen_dir, Manifest(
-        source_id="test-source", kind="data", generation=GEN, created_at=GEN,
-        downtime_seconds=0.1, agent_version="test",
-        files=(FileEntry(archive.ARCHIVE_NAME, digest.size, digest.sha256),),
-        paths=(str(data_dir),)))
+    manifest.write(
+        gen_dir,
+        Manifest(
+            source_id="test-source",
+            kind="data",
+            generation=GEN,
+            created_at=GEN,
+            downtime_seconds=0.1,
+            agent_version="test",
+            files=(FileEntry(archive.ARCHIVE_NAME, digest.size, digest.sha256),),
+            paths=(str(data_dir),),
+        ),
+    )
     return target
 
 
@@ -110,9 +118,12 @@ def member(app: App, *parts: str) -> str:
 
 def ordinary(app: App) -> list[Member]:
     """What a real data archive starts with: the data path and a few files."""
-    return [directory(member(app)), directory(member(app, "docs")),
-            file(member(app, "docs", "readme.txt"), b"restored\n"),
-            file(member(app, "db.bin"), os.urandom(4096))]
+    return [
+        directory(member(app)),
+        directory(member(app, "docs")),
+        file(member(app, "docs", "readme.txt"), b"restored\n"),
+        file(member(app, "db.bin"), os.urandom(4096)),
+    ]
 
 
 # ---------------------------------------------------------------- the scene
@@ -159,8 +170,12 @@ class Before:
 
 
 def observe(s: Scene) -> Before:
-    return Before(snapshot(s.app.data_dir), sorted(os.listdir(s.app.data_dir.parent)),
-                  snapshot(s.outside), s.app.started_at())
+    return Before(
+        snapshot(s.app.data_dir),
+        sorted(os.listdir(s.app.data_dir.parent)),
+        snapshot(s.outside),
+        s.app.started_at(),
+    )
 
 
 def assert_refused_untouched(s: Scene, before: Before, result, *, names: str) -> None:
@@ -173,13 +188,15 @@ def assert_refused_untouched(s: Scene, before: Before, result, *, names: str) ->
     assert snapshot(s.app.data_dir) == before.data, "the data path was changed"
     assert not (s.app.data_dir / STAGING).exists()
     assert not (s.app.data_dir / REPLACED).exists()
-    assert sorted(os.listdir(s.app.data_dir.parent)) == before.parent, \
+    assert sorted(os.listdir(s.app.data_dir.parent)) == before.parent, (
         "something appeared beside the data path"
+    )
     assert snapshot(s.outside) == before.outside, "something was written outside"
     assert os.stat(s.outside / "secret").st_nlink == 1, "the outside file was hard-linked"
     assert s.app.reload() == "running"
-    assert s.app.started_at() == before.started_at, \
+    assert s.app.started_at() == before.started_at, (
         "the application was stopped for an archive that could not be restored"
+    )
 
 
 def refused_case(s: Scene, members: Sequence[Member], *extra: str) -> tuple[Before, object]:
@@ -238,8 +255,11 @@ def test_a_device_node_is_refused_and_nothing_is_touched(scene):
 @pytest.mark.parametrize("relative", [False, True], ids=["absolute-link", "dot-dot-link"])
 def test_a_hard_link_to_a_file_outside_is_refused_and_nothing_is_touched(scene, relative):
     secret = scene.outside / "secret"
-    target = (member(scene.app, *[".."] * len(scene.app.data_dir.parts), str(secret)[1:])
-              if relative else str(secret))
+    target = (
+        member(scene.app, *[".."] * len(scene.app.data_dir.parts), str(secret)[1:])
+        if relative
+        else str(secret)
+    )
     name = member(scene.app, "stolen")
     before, result = refused_case(scene, [*ordinary(scene.app), hardlink(name, target)])
 
@@ -252,27 +272,33 @@ def test_a_hard_link_to_a_live_file_not_in_the_archive_is_refused(scene):
     # a link name that is inside the data path, but no earlier member: tar would link to
     # whatever is at that path
     name = member(scene.app, "stolen")
-    before, result = refused_case(scene, [*ordinary(scene.app),
-                                          hardlink(name, member(scene.app, "live.db"))])
+    before, result = refused_case(
+        scene, [*ordinary(scene.app), hardlink(name, member(scene.app, "live.db"))]
+    )
 
     assert_refused_untouched(scene, before, result, names=repr(name))
     assert os.stat(scene.app.data_dir / "live.db").st_nlink == 1
 
 
 @pytest.mark.parametrize("target", ["absolute", "relative"])
-def test_a_symbolic_link_outside_is_refused_and_then_allowed_on_request(scene, target):
+def test_a_symbolic_link_pointing_outside_is_restored_as_the_link_it_was(scene, target):
+    # as tar, restic and borg do: the link itself is data; only writing through it is not
     name = member(scene.app, "link")
-    link = (str(scene.outside) if target == "absolute"
-            else "/".join([".."] * len(scene.app.data_dir.parts) + [str(scene.outside)[1:]]))
-    members = [*ordinary(scene.app), symlink(name, link)]
-    before, result = refused_case(scene, members)
+    link = (
+        str(scene.outside)
+        if target == "absolute"
+        else "/".join([".."] * len(scene.app.data_dir.parts) + [str(scene.outside)[1:]])
+    )
+    put_generation(
+        scene.store,
+        scene.app.data_dir,
+        lambda path: write_archive(path, [*ordinary(scene.app), symlink(name, link)]),
+    )
+    before = observe(scene)
 
-    assert_refused_untouched(scene, before, result, names=repr(name))
-    assert "--allow-outside-symlinks" in result.stderr
+    result = scene.restore()
 
-    allowed = scene.restore("--allow-outside-symlinks")
-
-    assert allowed.returncode == 0, allowed.stderr
+    assert result.returncode == 0, result.stderr
     restored = scene.app.data_dir / "link"
     assert restored.is_symlink() and os.readlink(restored) == link
     assert restored.resolve() == scene.outside.resolve()
@@ -283,7 +309,56 @@ def test_a_symbolic_link_outside_is_refused_and_then_allowed_on_request(scene, t
     assert not (scene.app.data_dir / REPLACED).exists()
     assert scene.app.reload() == "running"
     assert scene.app.started_at() != before.started_at, "stopped for the swap, started again"
-    assert len(scene.mail.messages) == 1, "only the refused restore alerted"
+    assert scene.mail.wait_for(1, timeout=0.5) == [], "a successful restore sends no alert"
+
+
+def test_links_the_app_made_inside_its_container_and_a_dangling_link_restore_as_they_were(scene):
+    # /data/current -> /data/releases/v2 resolves inside the container; on the host it points
+    # outside /var/lib/docker/volumes/<volume>/_data
+    app, data = scene.app, scene.app.data_dir
+    made = app.container.exec_run(
+        [
+            "sh",
+            "-c",
+            "mkdir -p /data/releases/v2 && "
+            "echo v2 > /data/releases/v2/version && "
+            "ln -s /data/releases/v2 /data/current.new && "
+            "mv -T /data/current.new /data/current",
+        ]
+    )
+    assert made.exit_code == 0, made.output
+    os.symlink("/nonexistent/target", data / "dangling")
+    expected = snapshot(data)
+    assert run_agent(scene.env, "source", "backup").returncode == 0
+    os.unlink(data / "current")
+    os.unlink(data / "dangling")
+    (data / "live.db").write_bytes(b"changed after the backup")
+
+    result = run_agent(scene.env, "restore", "--from", "handover")
+
+    assert result.returncode == 0, result.stderr
+    assert snapshot(data) == expected
+    assert os.readlink(data / "current") == "/data/releases/v2"
+    assert os.readlink(data / "dangling") == "/nonexistent/target"
+    assert app.reload() == "running"
+    seen = app.container.exec_run(["cat", "/data/current/version"])
+    assert (seen.exit_code, seen.output) == (0, b"v2\n"), "the app follows its link again"
+
+
+def test_allow_outside_symlinks_is_still_accepted_and_says_it_is_no_longer_needed(scene):
+    put_generation(
+        scene.store,
+        scene.app.data_dir,
+        lambda path: write_archive(
+            path, [*ordinary(scene.app), symlink(member(scene.app, "link"), "/etc")]
+        ),
+    )
+
+    result = scene.restore("--allow-outside-symlinks")
+
+    assert result.returncode == 0, result.stderr
+    assert "--allow-outside-symlinks is deprecated" in result.stderr
+    assert os.readlink(scene.app.data_dir / "link") == "/etc"
 
 
 def test_a_member_written_through_a_symbolic_link_into_the_live_data_is_refused(scene):
@@ -292,8 +367,11 @@ def test_a_member_written_through_a_symbolic_link_into_the_live_data_is_refused(
     # data before any check of the whole archive.
     victim = scene.app.data_dir / "victim"
     name = member(scene.app, "link", "config.ini")
-    members = [*ordinary(scene.app), symlink(member(scene.app, "link"), str(victim)),
-               file(name, b"[planted]\n")]
+    members = [
+        *ordinary(scene.app),
+        symlink(member(scene.app, "link"), str(victim)),
+        file(name, b"[planted]\n"),
+    ]
     before, result = refused_case(scene, members)
 
     assert_refused_untouched(scene, before, result, names=repr(name))
@@ -301,12 +379,14 @@ def test_a_member_written_through_a_symbolic_link_into_the_live_data_is_refused(
     assert (victim / "config.ini").read_text() == "[live]\nvalue = 1\n"
 
 
-def test_a_member_written_through_a_symbolic_link_is_refused_also_with_outside_links_allowed(
-        scene):
+def test_a_member_written_through_a_symbolic_link_to_the_outside_is_refused(scene):
     name = member(scene.app, "link", "planted-through")
-    members = [*ordinary(scene.app), symlink(member(scene.app, "link"), str(scene.outside)),
-               file(name, b"evil\n")]
-    before, result = refused_case(scene, members, "--allow-outside-symlinks")
+    members = [
+        *ordinary(scene.app),
+        symlink(member(scene.app, "link"), str(scene.outside)),
+        file(name, b"evil\n"),
+    ]
+    before, result = refused_case(scene, members)
 
     assert_refused_untouched(scene, before, result, names=repr(name))
     assert not (scene.outside / "planted-through").exists()
@@ -314,8 +394,12 @@ def test_a_member_written_through_a_symbolic_link_is_refused_also_with_outside_l
 
 def test_a_directory_written_through_a_relative_symbolic_link_is_refused(scene):
     name = member(scene.app, "up", "planted-dir")
-    members = [*ordinary(scene.app), symlink(member(scene.app, "up"), "."),
-               directory(name), file(name + "/x", b"evil\n")]
+    members = [
+        *ordinary(scene.app),
+        symlink(member(scene.app, "up"), "."),
+        directory(name),
+        file(name + "/x", b"evil\n"),
+    ]
     before, result = refused_case(scene, members)
 
     assert_refused_untouched(scene, before, result, names=repr(name))
@@ -327,8 +411,10 @@ def test_a_symbolic_link_renamed_by_a_gnu_sparse_name_record_is_refused(scene):
     up = "/".join([".."] * 4)
     link = f"{up}{scene.outside}"
     info, _ = symlink(member(scene.app, "a", "b", "c", "d", "link"), link)
-    info.pax_headers = {"GNU.sparse.name": member(scene.app, "link"),
-                        "path": member(scene.app, "a", "b", "c", "d", "link")}
+    info.pax_headers = {
+        "GNU.sparse.name": member(scene.app, "link"),
+        "path": member(scene.app, "a", "b", "c", "d", "link"),
+    }
     before, result = refused_case(scene, [*ordinary(scene.app), (info, None)])
 
     assert_refused_untouched(scene, before, result, names="link")
@@ -338,8 +424,9 @@ def test_a_symbolic_link_renamed_by_a_gnu_sparse_name_record_is_refused(scene):
 
 
 def test_an_archive_that_does_not_match_its_manifest_is_not_restored(scene):
-    archive_path = put_generation(scene.store, scene.app.data_dir,
-                                  lambda path: write_archive(path, ordinary(scene.app)))
+    archive_path = put_generation(
+        scene.store, scene.app.data_dir, lambda path: write_archive(path, ordinary(scene.app))
+    )
     # a different, well-formed archive of the same data path under the old manifest
     other = scene.tmp / "other.tar.zst"
     write_archive(other, [*ordinary(scene.app), file(member(scene.app, "backdoor"), b"x")])
@@ -353,8 +440,10 @@ def test_an_archive_that_does_not_match_its_manifest_is_not_restored(scene):
 
 def test_an_archive_with_a_flipped_byte_is_not_restored(scene):
     def make(path: Path) -> None:
-        write_archive(path, [*ordinary(scene.app),
-                             file(member(scene.app, "big.txt"), b"line of text\n" * 20_000)])
+        write_archive(
+            path,
+            [*ordinary(scene.app), file(member(scene.app, "big.txt"), b"line of text\n" * 20_000)],
+        )
 
     archive_path = put_generation(scene.store, scene.app.data_dir, make)
     content = bytearray(archive_path.read_bytes())
@@ -385,8 +474,7 @@ def make_tree(root: Path) -> None:
     (root / "name with spaces").write_text("s")
     for directory, dirs, files in os.walk(root, topdown=False):
         for name in [*files, *dirs, "."]:
-            os.utime(os.path.join(directory, name), ns=(MTIME * 10**9,) * 2,
-                     follow_symlinks=False)
+            os.utime(os.path.join(directory, name), ns=(MTIME * 10**9,) * 2, follow_symlinks=False)
 
 
 def test_a_valid_crafted_archive_restores_the_tree_it_holds(scene, tmp_path):
@@ -394,8 +482,9 @@ def test_a_valid_crafted_archive_restores_the_tree_it_holds(scene, tmp_path):
     source.mkdir()
     make_tree(source)
     expected = snapshot(source)
-    put_generation(scene.store, scene.app.data_dir,
-                   lambda path: archive_tree(path, source, member(scene.app)))
+    put_generation(
+        scene.store, scene.app.data_dir, lambda path: archive_tree(path, source, member(scene.app))
+    )
     before = observe(scene)
 
     result = scene.restore()

@@ -24,14 +24,17 @@ import pytest
 from tests.conftest import run_agent, start_agent, wait_until
 
 if not os.environ.get("KUBECONFIG"):
-    pytest.skip("QUIESCE_MODE=scale needs a real Kubernetes cluster: set KUBECONFIG to run these "
-                "tests. Skipped, also in CI: no Kubernetes API server can run on this project's "
-                "machines", allow_module_level=True)
+    pytest.skip(
+        "QUIESCE_MODE=scale needs a real Kubernetes cluster: set KUBECONFIG to run these "
+        "tests. Skipped, also in CI: no Kubernetes API server can run on this project's "
+        "machines",
+        allow_module_level=True,
+    )
 
-from kubernetes import client, config  # noqa: E402 - only with a cluster
+from kubernetes import client, config
 
-from agent.config import Workload  # noqa: E402
-from agent.quiescer_scale import ANNOTATION, ScaleQuiescer  # noqa: E402
+from agent.config import Workload
+from agent.quiesce.scale import ANNOTATION, ScaleQuiescer
 
 IMAGE = os.environ.get("K8S_TEST_IMAGE", "busybox:1.36")
 REPLICAS = 2
@@ -46,14 +49,35 @@ class Cluster:
 
     def create_deployment(self, name: str) -> Workload:
         labels = {"app": name}
-        self.apps.create_namespaced_deployment(self.namespace, {
-            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-            "spec": {"replicas": REPLICAS, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels}, "spec": {
-                         "terminationGracePeriodSeconds": 1,
-                         "containers": [{"name": "app", "image": IMAGE,
-                                         "command": ["sh", "-c", "trap 'exit 0' TERM; "
-                                                     "while true; do sleep 1; done"]}]}}}})
+        self.apps.create_namespaced_deployment(
+            self.namespace,
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": name},
+                "spec": {
+                    "replicas": REPLICAS,
+                    "selector": {"matchLabels": labels},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {
+                            "terminationGracePeriodSeconds": 1,
+                            "containers": [
+                                {
+                                    "name": "app",
+                                    "image": IMAGE,
+                                    "command": [
+                                        "sh",
+                                        "-c",
+                                        "trap 'exit 0' TERM; while true; do sleep 1; done",
+                                    ],
+                                }
+                            ],
+                        },
+                    },
+                },
+            },
+        )
         wait_until(lambda: self.ready(name) == REPLICAS, timeout=180, interval=1)
         return Workload("deployment", name)
 
@@ -79,8 +103,9 @@ class Cluster:
 def cluster() -> Iterator[Cluster]:
     namespace = f"bt-scale-{uuid.uuid4().hex[:8]}"
     kube = Cluster(namespace)
-    kube.core.create_namespace({"apiVersion": "v1", "kind": "Namespace",
-                                "metadata": {"name": namespace}})
+    kube.core.create_namespace(
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+    )
     yield kube
     kube.core.delete_namespace(namespace)
 
@@ -88,12 +113,22 @@ def cluster() -> Iterator[Cluster]:
 def scale_env(cluster: Cluster, workload: Workload, tmp_path: Path, **extra: str) -> dict[str, str]:
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
-    env = {key: value for key, value in os.environ.items()
-           if key in ("PATH", "HOME", "LANG", "KUBECONFIG", "PYTHONPATH")}
-    env.update(SOURCE_ID="test-source", DATA_PATHS=str(data),
-               HANDOVER_DIR=str(tmp_path / "handover"), SOURCE_STORE_DIR=str(tmp_path / "store"),
-               QUIESCE_MODE="scale", K8S_NAMESPACE=cluster.namespace,
-               K8S_WORKLOADS=str(workload), STOP_TIMEOUT="5", **extra)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key in ("PATH", "HOME", "LANG", "KUBECONFIG", "PYTHONPATH")
+    }
+    env.update(
+        SOURCE_ID="test-source",
+        DATA_PATHS=str(data),
+        HANDOVER_DIR=str(tmp_path / "handover"),
+        SOURCE_STORE_DIR=str(tmp_path / "store"),
+        QUIESCE_MODE="scale",
+        K8S_NAMESPACE=cluster.namespace,
+        K8S_WORKLOADS=str(workload),
+        STOP_TIMEOUT="5",
+        **extra,
+    )
     return env
 
 
@@ -128,7 +163,8 @@ def test_a_backup_scales_the_workload_down_and_up_again(cluster, tmp_path):
 
 
 def test_a_run_killed_while_scaled_to_0_is_repaired_by_the_next_run_from_the_annotation(
-        cluster, tmp_path):
+    cluster, tmp_path
+):
     web = cluster.create_deployment("web")
     (tmp_path / "data").mkdir()
     # A copy of several seconds while the application is stopped: the window for the kill.
@@ -136,10 +172,13 @@ def test_a_run_killed_while_scaled_to_0_is_repaired_by_the_next_run_from_the_ann
     env = scale_env(cluster, web, tmp_path, COLLECT_MODE="direct", ZSTD_LEVEL="19")
     agent = start_agent(env, "source", "backup")
     try:
-        wait_until(lambda: cluster.pods("web") == [] and cluster.annotation("web") is not None,
-                   timeout=120, interval=0.2)
+        wait_until(
+            lambda: cluster.pods("web") == [] and cluster.annotation("web") is not None,
+            timeout=120,
+            interval=0.2,
+        )
         agent.send_signal(signal.SIGKILL)
-        agent.communicate(timeout=10)
+        agent.communicate(timeout=60)
     finally:
         agent.kill()
         agent.communicate()
@@ -148,8 +187,9 @@ def test_a_run_killed_while_scaled_to_0_is_repaired_by_the_next_run_from_the_ann
     # The next run repairs it even without the local record: the annotation is enough.
     (tmp_path / "handover" / ".state" / "quiesced.json").unlink(missing_ok=True)
 
-    result = run_agent({**env, "COLLECT_MODE": "mirror", "ZSTD_LEVEL": "1"}, "source", "backup",
-                       timeout=300)
+    result = run_agent(
+        {**env, "COLLECT_MODE": "mirror", "ZSTD_LEVEL": "1"}, "source", "backup", timeout=300
+    )
 
     assert result.returncode == 0, result.stderr
     assert "an earlier run was interrupted with the application quiesced" in result.stderr
@@ -161,10 +201,10 @@ def test_the_agent_refuses_to_scale_a_workload_it_runs_in(cluster, tmp_path):
     web = cluster.create_deployment("web")
     own_pod = cluster.pods("web")[0]
 
-    result = run_agent(scale_env(cluster, web, tmp_path, POD_NAME=own_pod), "source", "backup",
-                       timeout=120)
+    result = run_agent(
+        scale_env(cluster, web, tmp_path, POD_NAME=own_pod), "source", "backup", timeout=120
+    )
 
     assert result.returncode == 1
     assert f"the agent runs in pod {own_pod} of deployment/web" in result.stderr
     assert cluster.replicas("web") == REPLICAS and cluster.annotation("web") is None
-

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import (APP_SCRIPT, ROOT, App, agent_env, run_agent, start_agent,
-                            wait_until)
+from tests.conftest import ROOT, App, agent_env, run_agent, start_agent, wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -57,10 +56,16 @@ class Tagged:
             except OSError:
                 continue
             stats[int(entry.name)] = (stat.rpartition(")")[2].split(), cmdline)
-        shells = {pid for pid, (_, cmd) in stats.items()
-                  if cmd.startswith(f"bash\0-c\0# {self.tag}\n".encode())}
-        return {pid: fields[0] for pid, (fields, _) in stats.items()
-                if pid in shells or int(fields[1]) in shells}
+        shells = {
+            pid
+            for pid, (_, cmd) in stats.items()
+            if cmd.startswith(f"bash\0-c\0# {self.tag}\n".encode())
+        }
+        return {
+            pid: fields[0]
+            for pid, (fields, _) in stats.items()
+            if pid in shells or int(fields[1]) in shells
+        }
 
     def stopped(self) -> bool:
         """Every process is stopped (a child that ended just before lingers as a zombie)."""
@@ -81,17 +86,31 @@ class Tagged:
         assert self.log_size() == before, "the application wrote while it was stopped"
 
     def assert_alive(self) -> None:
-        wait_until(self.running, timeout=10)
+        wait_until(self.running, timeout=60)
         before = self.log_size()
-        wait_until(lambda: self.log_size() > before, timeout=10)
+        wait_until(lambda: self.log_size() > before, timeout=60)
+
+
+# The application of these tests has children, as most do: the `sleep` its shell waits for
+# (the stop must reach them too).
+WITH_CHILDREN = """
+trap 'exit 0' TERM
+i=0
+while true; do
+  i=$((i+1))
+  echo "line $i $(date +%s.%N)" >> /logs/app.log
+  sleep 0.2 & wait $!
+done
+"""
 
 
 @pytest.fixture
 def tagged_app(make_app) -> Iterator[Callable[..., Tagged]]:
     def factory(user: int | None = None, **kwargs: object) -> Tagged:
         tag = f"app-{uuid.uuid4().hex[:10]}"
-        app = make_app(f"# {tag}\n{APP_SCRIPT}", user=None if user is None else f"{user}:{user}",
-                       **kwargs)
+        app = make_app(
+            f"# {tag}\n{WITH_CHILDREN}", user=None if user is None else f"{user}:{user}", **kwargs
+        )
         random = app.data_dir / "random.bin"
         random.write_bytes(os.urandom(8 << 20))
         if user is not None:  # the application's own files, readable by it alone
@@ -99,15 +118,18 @@ def tagged_app(make_app) -> Iterator[Callable[..., Tagged]]:
                 os.chown(path, user, user)
             random.chmod(0o600)
         tagged = Tagged(app, tag)
-        wait_until(lambda: tagged.running() and (app.logs_dir / "app.log").exists(), timeout=10)
+        wait_until(lambda: tagged.running() and (app.logs_dir / "app.log").exists(), timeout=60)
         return tagged
+
     yield factory
 
 
 def signal_env(tagged: Tagged, handover: Path, **extra: str) -> dict[str, str]:
-    return agent_env(tagged.app, handover, **{"QUIESCE_MODE": "signal",
-                                               "SIGNAL_PROCESSES": tagged.pattern,
-                                               **SLOW_COPY, **extra})
+    return agent_env(
+        tagged.app,
+        handover,
+        **{"QUIESCE_MODE": "signal", "SIGNAL_PROCESSES": tagged.pattern, **SLOW_COPY, **extra},
+    )
 
 
 def generations(handover: Path, kind: str) -> list[str]:
@@ -118,8 +140,7 @@ def generations(handover: Path, kind: str) -> list[str]:
 # ---------------------------------------------------------------- the agent on the host
 
 
-def test_signal_mode_freezes_the_processes_for_the_copy_and_continues_them(tagged_app,
-                                                                            tmp_path):
+def test_signal_mode_freezes_the_processes_for_the_copy_and_continues_them(tagged_app, tmp_path):
     tagged = tagged_app()
     started_before = tagged.app.started_at()
     handover = tmp_path / "handover"
@@ -141,15 +162,16 @@ def test_signal_mode_freezes_the_processes_for_the_copy_and_continues_them(tagge
     assert not (handover / ".state" / "quiesced.json").exists()
 
 
-def test_a_run_killed_while_the_processes_are_stopped_is_repaired_by_the_next_run(tagged_app,
-                                                                                  tmp_path):
+def test_a_run_killed_while_the_processes_are_stopped_is_repaired_by_the_next_run(
+    tagged_app, tmp_path
+):
     tagged = tagged_app()
     handover = tmp_path / "handover"
     agent = start_agent(signal_env(tagged, handover), "source", "backup")
     try:
         wait_until(tagged.stopped, timeout=30)
         agent.send_signal(signal.SIGKILL)
-        agent.communicate(timeout=10)
+        agent.communicate(timeout=60)
     finally:
         agent.kill()
         agent.communicate()
@@ -158,8 +180,9 @@ def test_a_run_killed_while_the_processes_are_stopped_is_repaired_by_the_next_ru
     tagged.assert_frozen_for(1.0)
     assert (handover / ".state" / "quiesced.json").exists()
 
-    result = run_agent(signal_env(tagged, handover, COLLECT_MODE="mirror", ZSTD_LEVEL="1"),
-                       "source", "backup")
+    result = run_agent(
+        signal_env(tagged, handover, COLLECT_MODE="mirror", ZSTD_LEVEL="1"), "source", "backup"
+    )
 
     assert result.returncode == 0, result.stderr
     assert "an earlier run was interrupted with the application quiesced" in result.stderr
@@ -178,7 +201,7 @@ def test_cron_continues_at_its_start_what_a_killed_run_left_stopped(tagged_app, 
     try:
         wait_until(tagged.stopped, timeout=30)
         agent.send_signal(signal.SIGKILL)
-        agent.communicate(timeout=10)
+        agent.communicate(timeout=60)
     finally:
         agent.kill()
         agent.communicate()
@@ -209,7 +232,7 @@ def test_a_record_of_the_signal_mode_is_left_to_the_signal_mode(tagged_app, tmp_
     try:
         wait_until(tagged.stopped, timeout=30)
         agent.send_signal(signal.SIGKILL)
-        agent.communicate(timeout=10)
+        agent.communicate(timeout=60)
     finally:
         agent.kill()
         agent.communicate()
@@ -252,14 +275,20 @@ def test_the_agent_never_stops_itself_even_when_the_pattern_matches_it(tagged_ap
     # The pattern matches the agent's own command line too — and only this test's agent: its
     # --env-file names this test's directory (other agents may run on the same host).
     own = f"agent-{uuid.uuid4().hex[:8]}.env"
-    env = signal_env(tagged, handover, SIGNAL_PROCESSES=f"{tagged.pattern}|{own}",
-                     COLLECT_MODE="mirror", ZSTD_LEVEL="1")
+    env = signal_env(
+        tagged,
+        handover,
+        SIGNAL_PROCESSES=f"{tagged.pattern}|{own}",
+        COLLECT_MODE="mirror",
+        ZSTD_LEVEL="1",
+    )
 
     result = run_agent(env, "--env-file", str(tmp_path / own), "source", "backup", timeout=60)
 
     assert result.returncode == 0, result.stderr
     assert "stopped process" in result.stderr and "-m agent" not in "\n".join(
-        line for line in result.stderr.splitlines() if "stopped process" in line)
+        line for line in result.stderr.splitlines() if "stopped process" in line
+    )
     tagged.assert_alive()
 
 
@@ -273,8 +302,9 @@ def python_mounts() -> tuple[str, dict[str, dict[str, str]]]:
     prefixes = {sys.prefix, sys.base_prefix}
     if not prefixes & {"/usr", "/usr/local"}:
         return sys.executable, {p: {"bind": p, "mode": "ro"} for p in prefixes}
-    return "python3", {p: {"bind": p, "mode": "ro"} for p in site.getsitepackages()
-                       if Path(p).is_dir()}
+    return "python3", {
+        p: {"bind": p, "mode": "ro"} for p in site.getsitepackages() if Path(p).is_dir()
+    }
 
 
 @pytest.fixture
@@ -285,20 +315,37 @@ def sidecar(docker_client, base_image, tmp_path):
     backup = tmp_path / "backup"
     backup.mkdir()
 
-    def run(tagged: Tagged, *args: str, security: dict[str, object] | None = None,
-            **extra: str):
+    def run(tagged: Tagged, *args: str, security: dict[str, object] | None = None, **extra: str):
         python, mounts = python_mounts()
-        env = {"SOURCE_ID": "test-source", "DATA_PATHS": "/data", "LOG_PATHS": "/logs",
-               "HANDOVER_DIR": "/backup/handover", "SOURCE_STORE_DIR": "/backup/store",
-               "QUIESCE_MODE": "signal", "SIGNAL_PROCESSES": tagged.pattern,
-               "STOP_TIMEOUT": "5", "PYTHONDONTWRITEBYTECODE": "1", **SLOW_COPY, **extra}
+        env = {
+            "SOURCE_ID": "test-source",
+            "DATA_PATHS": "/data",
+            "LOG_PATHS": "/logs",
+            "HANDOVER_DIR": "/backup/handover",
+            "SOURCE_STORE_DIR": "/backup/store",
+            "QUIESCE_MODE": "signal",
+            "SIGNAL_PROCESSES": tagged.pattern,
+            "STOP_TIMEOUT": "5",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            **SLOW_COPY,
+            **extra,
+        }
         container = docker_client.containers.run(
-            base_image, [python, "-m", "agent", *args], detach=True, environment=env,
+            base_image,
+            [python, "-m", "agent", *args],
+            detach=True,
+            environment=env,
             pid_mode=f"container:{tagged.app.container.id}",
-            volumes_from=[tagged.app.container.id], working_dir=str(ROOT),
-            volumes={**mounts, str(ROOT): {"bind": str(ROOT), "mode": "ro"},
-                     str(backup): {"bind": "/backup"}},
-            name=f"bt-sidecar-{uuid.uuid4().hex[:10]}", **(security or {}))
+            volumes_from=[tagged.app.container.id],
+            working_dir=str(ROOT),
+            volumes={
+                **mounts,
+                str(ROOT): {"bind": str(ROOT), "mode": "ro"},
+                str(backup): {"bind": "/backup"},
+            },
+            name=f"bt-sidecar-{uuid.uuid4().hex[:10]}",
+            **(security or {}),
+        )
         made.append(container)
         return container
 
@@ -309,7 +356,8 @@ def sidecar(docker_client, base_image, tmp_path):
 
 
 def test_a_sidecar_in_the_apps_pid_namespace_freezes_it_and_a_killed_one_is_repaired(
-        tagged_app, sidecar):
+    tagged_app, sidecar
+):
     # The application runs under an init (as in a Pod, where `pause` is PID 1): its shell is
     # not PID 1 of the namespace, so it can be stopped from inside.
     tagged = tagged_app(init=True)
@@ -334,8 +382,7 @@ def test_a_sidecar_in_the_apps_pid_namespace_freezes_it_and_a_killed_one_is_repa
     assert not (sidecar.handover / ".state" / "quiesced.json").exists()
 
 
-def test_a_sidecar_refuses_to_stop_pid_1_of_its_namespace_and_touches_nothing(tagged_app,
-                                                                              sidecar):
+def test_a_sidecar_refuses_to_stop_pid_1_of_its_namespace_and_touches_nothing(tagged_app, sidecar):
     # Without an init the application's shell is PID 1, which ignores SIGSTOP from inside
     # its namespace: the agent says so instead of pretending the application is stopped.
     tagged = tagged_app()
@@ -359,15 +406,20 @@ def manifest_security() -> dict[str, object]:
                 if container.get("command", [])[:2] == ["backup-agent", "cron"]:
                     context = container["securityContext"]
                     assert context["capabilities"]["drop"] == ["ALL"]
-                    return {"user": str(context["runAsUser"]), "cap_drop": ["ALL"],
-                            "cap_add": context["capabilities"]["add"],
-                            "security_opt": [] if context.get("allowPrivilegeEscalation", True)
-                            else ["no-new-privileges"]}
+                    return {
+                        "user": str(context["runAsUser"]),
+                        "cap_drop": ["ALL"],
+                        "cap_add": context["capabilities"]["add"],
+                        "security_opt": []
+                        if context.get("allowPrivilegeEscalation", True)
+                        else ["no-new-privileges"],
+                    }
     raise AssertionError("no sidecar agent in k8s/source-sidecar.yaml")
 
 
 def test_a_sidecar_with_the_k8s_manifests_capabilities_freezes_an_app_of_another_user(
-        tagged_app, sidecar):
+    tagged_app, sidecar
+):
     # The capabilities k8s/source-sidecar.yaml gives the agent (all others dropped) are enough
     # to signal another user's processes and to read files only that user may read.
     tagged = tagged_app(init=True, user=4242)
@@ -385,8 +437,9 @@ def test_a_sidecar_with_the_k8s_manifests_capabilities_freezes_an_app_of_another
     assert (sidecar.handover / "data" / gen / "data.tar.zst").stat().st_size > 8 << 20
 
 
-def test_a_sidecar_without_the_kill_capability_says_so_and_leaves_nothing_stopped(tagged_app,
-                                                                                   sidecar):
+def test_a_sidecar_without_the_kill_capability_says_so_and_leaves_nothing_stopped(
+    tagged_app, sidecar
+):
     tagged = tagged_app(init=True, user=4242)
     security = manifest_security()
     security["cap_add"] = [c for c in security["cap_add"] if c != "KILL"]

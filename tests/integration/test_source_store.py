@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from agent import manifest
+from agent.core import manifest
 from agent.stores import VerificationFailed
 from agent.stores.local import LocalStore
 from tests.generations import make_generation
@@ -16,12 +15,8 @@ GEN = "2026-11-01T00-00-00Z"
 
 
 @pytest.fixture
-def other_filesystem(tmp_path: Path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+def other_filesystem(make_tmpfs) -> Path:
+    return make_tmpfs("tmpfs", "16m")
 
 
 def test_a_move_across_filesystems_copies_verifies_and_then_deletes(tmp_path, other_filesystem):

@@ -1,14 +1,24 @@
 from datetime import UTC, datetime
 
-from agent.manifest import Manifest
-from agent.source_backup import stale
+from agent.core.manifest import Manifest
+from agent.source.backup import stale
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 
 
-def waiting(*gens: str) -> list[Manifest]:
-    return [Manifest(source_id="s", kind="data", generation=g, created_at=g, downtime_seconds=0,
-                     agent_version="0", files=()) for g in gens]
+def waiting(*gens: str, kind: str = "data") -> list[Manifest]:
+    return [
+        Manifest(
+            source_id="s",
+            kind=kind,
+            generation=g,
+            created_at=g,
+            downtime_seconds=0,
+            agent_version="0",
+            files=(),
+        )
+        for g in gens
+    ]
 
 
 def test_with_no_limits_any_waiting_generation_is_stale():
@@ -25,3 +35,9 @@ def test_too_many_waiting_generations_are_stale_whatever_their_age():
     young = waiting("2026-11-29T10-00-00Z", "2026-11-29T11-00-00Z", "2026-11-29T11-30-00Z")
     assert stale(young, NOW, 26, 2)
     assert not stale(young, NOW, 26, 3)
+
+
+def test_the_count_limit_applies_to_each_kind_on_its_own():
+    two = ("2026-11-29T10-00-00Z", "2026-11-29T11-00-00Z")
+    assert not stale(waiting(*two) + waiting(*two, kind="logs"), NOW, 26, 2)
+    assert stale(waiting(*two) + waiting(*two, "2026-11-29T11-30-00Z", kind="logs"), NOW, 26, 2)

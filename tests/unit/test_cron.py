@@ -6,7 +6,7 @@ import pytest
 
 from agent import config
 from agent.config import ConfigError
-from agent.cron import assess, missed, next_tick
+from agent.runtime.cron import assess, missed, next_tick
 
 T0 = datetime(2026, 11, 29, 1, 59, 30, tzinfo=UTC)
 
@@ -36,8 +36,13 @@ def test_healthy_when_the_last_run_succeeded_in_time():
 
 
 def test_a_failed_last_run_is_unhealthy():
-    jobs = {"run": {"exit": 1, "started": "2026-11-29T03:00:00Z",
-                    "last_success": "2026-11-29T02:10:00Z"}}
+    jobs = {
+        "run": {
+            "exit": 1,
+            "started": "2026-11-29T03:00:00Z",
+            "last_success": "2026-11-29T02:10:00Z",
+        }
+    }
     [problem] = assess(status(jobs), [("run", "0 * * * *")], at(3, 0, 30))
     assert "failed with exit code 1" in problem
 
@@ -55,6 +60,42 @@ def test_no_success_for_two_ticks_is_unhealthy_and_a_fresh_start_is_not():
     assert assess(status({}, started=at(2, 30)), [("run", "0 * * * *")], at(3, 0, 30)) == []
 
 
+def test_a_job_longer_than_its_interval_is_healthy_right_after_a_success():
+    """A per-second schedule and a 3 s backup: ticks pass while it runs, and `health` a few
+    seconds after the last success must not call the agent unhealthy (a CI run saw that)."""
+    jobs = {
+        "backup": {
+            "exit": 0,
+            "started": "2026-11-29T02:59:53Z",
+            "ended": "2026-11-29T02:59:56Z",
+            "last_success": "2026-11-29T02:59:56Z",
+        }
+    }
+    assert assess(status(jobs), [("backup", "* * * * * *")], at(3, 0, 0)) == []
+    late = at(3, 1, 30)
+    [problem] = assess(status(jobs, heartbeat=late), [("backup", "* * * * * *")], late)
+    assert "backup: no successful run since" in problem
+
+
+def test_a_job_may_wait_for_the_other_jobs_before_it_is_late():
+    jobs = {
+        "pull-data": {
+            "exit": 0,
+            "started": "2026-11-29T01:00:00Z",
+            "ended": "2026-11-29T02:30:00Z",
+            "last_success": "2026-11-29T02:30:00Z",
+        },
+        "pull-logs": {
+            "exit": 0,
+            "started": "2026-11-29T00:45:00Z",
+            "ended": "2026-11-29T00:45:05Z",
+            "last_success": "2026-11-29T00:45:05Z",
+        },
+    }
+    schedules = [("pull-data", "0 1 * * *"), ("pull-logs", "*/15 * * * *")]
+    assert assess(status(jobs), schedules, at(2, 31)) == []
+
+
 def test_a_silent_scheduler_is_unhealthy():
     [problem] = assess(status({}, started=at(2, 59), heartbeat=at(1, 0)), [], at(3, 0))
     assert "has not reported" in problem
@@ -66,7 +107,13 @@ def test_cron_settings_are_checked_together():
     assert [p.split(":")[0] for p in caught.value.problems] == ["CRON_RUN", "CRON_AT_START"]
     with pytest.raises(ConfigError, match="no job is scheduled"):
         config.parse_cron({}, "sink")
-    sink = config.parse_cron({"CRON_PULL_LOGS": "*/15 * * * *", "CRON_VERIFY": "0 5 * * 0",
-                              "CRON_AT_START": "pull-logs"}, "sink")
+    sink = config.parse_cron(
+        {
+            "CRON_PULL_LOGS": "*/15 * * * *",
+            "CRON_VERIFY": "0 5 * * 0",
+            "CRON_AT_START": "pull-logs",
+        },
+        "sink",
+    )
     assert sink.schedules == (("pull-logs", "*/15 * * * *"), ("verify", "0 5 * * 0"))
     assert sink.at_start == ("pull-logs",)

@@ -27,8 +27,11 @@ def documents(path: Path) -> list[dict[str, Any]]:
 
 
 def all_documents() -> list[tuple[str, dict[str, Any]]]:
-    return [(f"{path.name}:{d['kind']}/{d['metadata']['name']}", d)
-            for path in MANIFESTS for d in documents(path)]
+    return [
+        (f"{path.name}:{d['kind']}/{d['metadata']['name']}", d)
+        for path in MANIFESTS
+        for d in documents(path)
+    ]
 
 
 def validate(document: dict[str, Any]) -> None:
@@ -36,12 +39,16 @@ def validate(document: dict[str, Any]) -> None:
 
 
 def test_there_are_manifests_for_the_sink_the_source_cronjob_and_the_sidecar():
-    assert {p.name for p in MANIFESTS} >= {"sink-cronjobs.yaml", "source-cronjob.yaml",
-                                           "source-sidecar.yaml"}
+    assert {p.name for p in MANIFESTS} >= {
+        "sink-cronjobs.yaml",
+        "source-cronjob.yaml",
+        "source-sidecar.yaml",
+    }
 
 
-@pytest.mark.parametrize("name, document", all_documents(),
-                         ids=[name for name, _ in all_documents()])
+@pytest.mark.parametrize(
+    "name, document", all_documents(), ids=[name for name, _ in all_documents()]
+)
 def test_every_manifest_is_valid_for_kubernetes(name, document):
     validate(document)
 
@@ -73,8 +80,12 @@ def pod_specs() -> list[tuple[str, dict[str, Any]]]:
 
 
 def agent_containers() -> list[tuple[str, dict[str, Any]]]:
-    return [(name, c) for name, spec in pod_specs() for c in spec["containers"]
-            if c["image"].startswith("backup-agent-")]
+    return [
+        (name, c)
+        for name, spec in pod_specs()
+        for c in spec["containers"]
+        if c["image"].startswith("backup-agent-")
+    ]
 
 
 def test_every_agent_command_is_one_the_agent_has():
@@ -89,8 +100,11 @@ def test_every_agent_command_is_one_the_agent_has():
 
 
 def config_maps() -> dict[str, dict[str, str]]:
-    return {d["metadata"]["name"]: d.get("data", {}) for _, d in all_documents()
-            if d["kind"] == "ConfigMap"}
+    return {
+        d["metadata"]["name"]: d.get("data", {})
+        for _, d in all_documents()
+        if d["kind"] == "ConfigMap"
+    }
 
 
 def environment(container: dict[str, Any]) -> dict[str, str]:
@@ -124,21 +138,32 @@ def test_the_sink_cronjobs_run_one_at_a_time_and_not_as_root():
 def test_the_sidecar_shares_the_process_namespace_and_quiesces_by_signal():
     [(_, spec)] = [(n, s) for n, s in pod_specs() if n.startswith("source-sidecar.yaml")]
     assert spec["shareProcessNamespace"] is True
-    [agent] = [c for c in spec["containers"]
-               if c.get("command", [])[:2] == ["backup-agent", "cron"]]
+    [agent] = [
+        c for c in spec["containers"] if c.get("command", [])[:2] == ["backup-agent", "cron"]
+    ]
     assert environment(agent)["QUIESCE_MODE"] == "signal"
     assert "KILL" in agent["securityContext"]["capabilities"]["add"]
 
 
 def test_the_source_cronjobs_role_allows_what_the_scale_quiescer_calls():
     [role] = [d for _, d in all_documents() if d["kind"] == "Role"]
-    allowed = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
-               for resource in rule["resources"] for verb in rule["verbs"]}
-    # agent/quiescer_scale.py: read and annotate the workloads, patch their scale, list pods.
-    needed = {("apps", "deployments", "get"), ("apps", "deployments", "patch"),
-              ("apps", "statefulsets", "get"), ("apps", "statefulsets", "patch"),
-              ("apps", "deployments/scale", "patch"), ("apps", "statefulsets/scale", "patch"),
-              ("", "pods", "list")}
+    allowed = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    # agent/quiesce/scale.py: read and annotate the workloads, patch their scale, list pods.
+    needed = {
+        ("apps", "deployments", "get"),
+        ("apps", "deployments", "patch"),
+        ("apps", "statefulsets", "get"),
+        ("apps", "statefulsets", "patch"),
+        ("apps", "deployments/scale", "patch"),
+        ("apps", "statefulsets/scale", "patch"),
+        ("", "pods", "list"),
+    }
     assert needed <= allowed
     assert not {verb for _, _, verb in allowed} & {"create", "delete", "deletecollection", "*"}
     [(_, spec)] = [(n, s) for n, s in pod_specs() if n.startswith("source-cronjob.yaml")]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from agent.config import ConfigError, Workload, parse_source, parse_workloads
-from agent.quiescer_scale import label_selector, owned_by
-from agent.quiescer_signal import Stat, descendants, family, parse_stat
+from agent.quiesce.scale import label_selector, owned_by
+from agent.quiesce.signal import Stat, descendants, family, parse_stat
 
 VALID = {"SOURCE_ID": "shop", "DATA_PATHS": "/srv/data"}
 
@@ -36,8 +36,14 @@ def test_a_pattern_that_does_not_compile_or_matches_everything_is_refused(patter
 
 
 def test_scale_mode_takes_workloads_and_a_namespace():
-    cfg = parse_source({**VALID, "QUIESCE_MODE": "scale", "K8S_NAMESPACE": "shop-prod",
-                        "K8S_WORKLOADS": "deployment/web, statefulset/db-0.x"})
+    cfg = parse_source(
+        {
+            **VALID,
+            "QUIESCE_MODE": "scale",
+            "K8S_NAMESPACE": "shop-prod",
+            "K8S_WORKLOADS": "deployment/web, statefulset/db-0.x",
+        }
+    )
     assert cfg.k8s_namespace == "shop-prod"
     assert cfg.k8s_workloads == (Workload("deployment", "web"), Workload("statefulset", "db-0.x"))
     assert [str(w) for w in cfg.k8s_workloads] == ["deployment/web", "statefulset/db-0.x"]
@@ -48,9 +54,19 @@ def test_scale_mode_without_workloads_names_the_variable():
     assert problem.startswith("K8S_WORKLOADS: required with QUIESCE_MODE=scale")
 
 
-@pytest.mark.parametrize("text", ["web", "pod/web", "deployment/Web", "deployment/",
-                                  "deployment/web,deployment/web", "daemonset/agent",
-                                  "deployment/-web", "deployment/" + "a" * 254])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "web",
+        "pod/web",
+        "deployment/Web",
+        "deployment/",
+        "deployment/web,deployment/web",
+        "daemonset/agent",
+        "deployment/-web",
+        "deployment/" + "a" * 254,
+    ],
+)
 def test_malformed_workloads_are_refused(text):
     with pytest.raises(ValueError):
         parse_workloads(text)
@@ -74,8 +90,10 @@ def test_unknown_modes_list_every_mode():
 
 def test_stat_fields_are_counted_from_the_last_parenthesis():
     # The command name may hold spaces and parentheses.
-    line = ("4242 (evil) S 1 (x)) R 17 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 "
-            "987654 1000 10 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n")
+    line = (
+        "4242 (evil) S 1 (x)) R 17 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 "
+        "987654 1000 10 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0\n"
+    )
     assert parse_stat(line) == Stat("R", 17, 987654)
 
 
@@ -99,12 +117,17 @@ def test_the_agents_family_is_itself_its_ancestors_and_its_descendants():
 
 
 def test_a_workload_selector_becomes_a_label_selector():
-    assert label_selector({"matchLabels": {"app": "shop", "tier": "web"}, "matchExpressions": [
-        {"key": "track", "operator": "In", "values": ["stable", "canary"]},
-        {"key": "env", "operator": "NotIn", "values": ["dev"]},
-        {"key": "owner", "operator": "Exists"},
-        {"key": "legacy", "operator": "DoesNotExist"}]}) == (
-        "app=shop,tier=web,track in (stable,canary),env notin (dev),owner,!legacy")
+    assert label_selector(
+        {
+            "matchLabels": {"app": "shop", "tier": "web"},
+            "matchExpressions": [
+                {"key": "track", "operator": "In", "values": ["stable", "canary"]},
+                {"key": "env", "operator": "NotIn", "values": ["dev"]},
+                {"key": "owner", "operator": "Exists"},
+                {"key": "legacy", "operator": "DoesNotExist"},
+            ],
+        }
+    ) == ("app=shop,tier=web,track in (stable,canary),env notin (dev),owner,!legacy")
 
 
 def test_an_empty_selector_is_refused():
@@ -113,8 +136,13 @@ def test_an_empty_selector_is_refused():
 
 
 def pod(labels: dict[str, str], *owners: tuple[str, str]) -> dict[str, object]:
-    return {"metadata": {"name": "p", "labels": labels,
-                         "ownerReferences": [{"kind": k, "name": n} for k, n in owners]}}
+    return {
+        "metadata": {
+            "name": "p",
+            "labels": labels,
+            "ownerReferences": [{"kind": k, "name": n} for k, n in owners],
+        }
+    }
 
 
 def test_only_pods_the_workload_owns_count():

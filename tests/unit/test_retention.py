@@ -2,8 +2,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from agent import generation
-from agent.retention import Policy, abandoned, plan
+from agent.core import generation
+from agent.core.retention import Policy, abandoned, plan
 
 
 def ids_every(hours: int, count: int, start: datetime) -> list[str]:
@@ -19,11 +19,14 @@ def test_keep_last_keeps_the_newest_n():
 
 def test_twelve_generations_over_weeks_keep_exactly_the_right_ones():
     # every 3 days from Mon 2026-01-05 02:00 for 12 generations: Jan 5 ... Feb 7
-    ids = [generation.format_id(datetime(2026, 1, 5, 2, tzinfo=UTC) + timedelta(days=3 * i))
-           for i in range(12)]
+    ids = [
+        generation.format_id(datetime(2026, 1, 5, 2, tzinfo=UTC) + timedelta(days=3 * i))
+        for i in range(12)
+    ]
     result = plan(ids, Policy(last=2, daily=3, weekly=3, monthly=2))
     expected = {
-        "2026-02-07T02-00-00Z", "2026-02-04T02-00-00Z",  # last 2 (and newest 2 days)
+        "2026-02-07T02-00-00Z",
+        "2026-02-04T02-00-00Z",  # last 2 (and newest 2 days)
         "2026-02-01T02-00-00Z",  # third day; also newest of ISO week 5
         # weekly: ISO week 6 -> Feb 7, week 5 (Jan 26 - Feb 1) -> Feb 1, week 4 -> Jan 23
         "2026-01-23T02-00-00Z",
@@ -53,5 +56,6 @@ def test_malformed_ids_are_refused():
 
 
 def test_incomplete_generations_are_abandoned_only_once_a_newer_one_is_verified():
-    assert abandoned(["2026-01-01T00-00-00Z", "2026-01-03T00-00-00Z", "junk"],
-                     "2026-01-02T00-00-00Z") == ["2026-01-01T00-00-00Z"]
+    assert abandoned(
+        ["2026-01-01T00-00-00Z", "2026-01-03T00-00-00Z", "junk"], "2026-01-02T00-00-00Z"
+    ) == ["2026-01-01T00-00-00Z"]
