@@ -6,10 +6,12 @@ import itertools
 import os
 import random
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,8 +42,9 @@ class Content:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
         letters = "abcdefghijklmnopqrstuvwxyz"
-        self.words = ["".join(self.rng.choices(letters, k=self.rng.randint(2, 10)))
-                      for _ in range(3000)]
+        self.words = [
+            "".join(self.rng.choices(letters, k=self.rng.randint(2, 10))) for _ in range(3000)
+        ]
 
     def random(self, size: int) -> bytes:
         return self.rng.randbytes(size)
@@ -52,7 +55,7 @@ class Content:
             count = max(64, (size - length) // 5)
             seq = self.rng.choices(self.words, k=count)
             stamp = self.rng.randint(0, 10**9)
-            lines = [f"{stamp + i} INFO " + " ".join(seq[i:i + 12]) for i in range(0, count, 12)]
+            lines = [f"{stamp + i} INFO " + " ".join(seq[i : i + 12]) for i in range(0, count, 12)]
             chunk = ("\n".join(lines) + "\n").encode()
             chunks.append(chunk)
             length += len(chunk)
@@ -77,10 +80,10 @@ def verdict(ok: bool) -> str:
 
 
 def text_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=True)]
 
     def line(cells: tuple[str, ...]) -> str:
-        return " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     return "\n".join([line(headers), "-+-".join("-" * w for w in widths), *map(line, rows)])
 
@@ -89,8 +92,13 @@ def markdown_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
     def cell(value: str) -> str:
         return str(value).replace("|", "\\|")
 
-    return "\n".join(["| " + " | ".join(map(cell, headers)) + " |", "|" + "---|" * len(headers),
-                      *("| " + " | ".join(map(cell, row)) + " |" for row in rows)])
+    return "\n".join(
+        [
+            "| " + " | ".join(map(cell, headers)) + " |",
+            "|" + "---|" * len(headers),
+            *("| " + " | ".join(map(cell, row)) + " |" for row in rows),
+        ]
+    )
 
 
 def docker_with_image(image: str):  # -> docker.DockerClient | None
@@ -104,8 +112,11 @@ def docker_with_image(image: str):  # -> docker.DockerClient | None
     try:
         client.images.get(image)
     except docker.errors.ImageNotFound:
-        print(f"image {image} not found; build it with tools/build-base-image.sh "
-              "(no registry is reachable; it is never pulled)", file=sys.stderr)
+        print(
+            f"image {image} not found; build it with tools/build-base-image.sh "
+            "(no registry is reachable; it is never pulled)",
+            file=sys.stderr,
+        )
         return None
     return client
 
@@ -137,9 +148,13 @@ def make_data_set(root: Path, size_gib: float, content: Content) -> DataSet:
     ds = DataSet(root)
     large = int(560 * MiB * size_gib) // MiB * MiB
     half = large // 2
-    ds.bytes += write_chunked(root / "large.bin", itertools.chain(
-        (content.random(min(4 * MiB, half - o)) for o in range(0, half, 4 * MiB)),
-        (content.text(min(4 * MiB, large - o)) for o in range(half, large, 4 * MiB))))
+    ds.bytes += write_chunked(
+        root / "large.bin",
+        itertools.chain(
+            (content.random(min(4 * MiB, half - o)) for o in range(0, half, 4 * MiB)),
+            (content.text(min(4 * MiB, large - o)) for o in range(half, large, 4 * MiB)),
+        ),
+    )
     ds.files += 1
     ds.parts.append(f"one {large / MiB:.0f} MiB file (first half random, second half text)")
 
@@ -150,12 +165,15 @@ def make_data_set(root: Path, size_gib: float, content: Content) -> DataSet:
         binary = content.rng.random() < 0.5
         size = content.rng.randint(KiB, 64 * KiB)
         (folder / f"file-{index:06d}.{'bin' if binary else 'txt'}").write_bytes(
-            content.random(size) if binary else content.text(size))
+            content.random(size) if binary else content.text(size)
+        )
         small_bytes += size
     ds.files += small_count
     ds.bytes += small_bytes
-    ds.parts.append(f"{small_count} small files of 1-64 KiB ({small_bytes / MiB:.0f} MiB, "
-                    "nested, half text, half random)")
+    ds.parts.append(
+        f"{small_count} small files of 1-64 KiB ({small_bytes / MiB:.0f} MiB, "
+        "nested, half text, half random)"
+    )
 
     log_size, rotated = int(50 * MiB * size_gib), 10
     (root / "logs").mkdir()
@@ -163,17 +181,22 @@ def make_data_set(root: Path, size_gib: float, content: Content) -> DataSet:
         name = "app.log" if index == 0 else f"app.log.{index}"
         ds.bytes += write_chunked(root / "logs" / name, [content.text(log_size // rotated)])
     ds.files += rotated
-    ds.parts.append(f"{log_size / MiB:.0f} MiB of text logs in {rotated} rotated files "
-                    "(the application appends to logs/app.log)")
+    ds.parts.append(
+        f"{log_size / MiB:.0f} MiB of text logs in {rotated} rotated files "
+        "(the application appends to logs/app.log)"
+    )
 
     (root / "medium").mkdir()
     count = max(0, round((total - ds.bytes) / (16 * MiB)))
     for index in range(count):
-        ds.bytes += write_chunked(root / "medium" / f"table-{index:02d}.db", (
-            content.random(MiB) if block % 2 == 0 else content.text(MiB) for block in range(16)))
+        ds.bytes += write_chunked(
+            root / "medium" / f"table-{index:02d}.db",
+            (content.random(MiB) if block % 2 == 0 else content.text(MiB) for block in range(16)),
+        )
     ds.files += count
-    ds.parts.append(f"{count} files of 16 MiB (alternating random and text MiB) filling up "
-                    "to the size")
+    ds.parts.append(
+        f"{count} files of 16 MiB (alternating random and text MiB) filling up to the size"
+    )
     return ds
 
 
@@ -203,8 +226,13 @@ class CpuMeter:
         return (user + nice + system + irq + softirq + steal) / self.tick
 
     def start(self) -> None:
-        self.t0 = (time.process_time(), self._children(), self._weed(), self._busy(),
-                   time.perf_counter())
+        self.t0 = (
+            time.process_time(),
+            self._children(),
+            self._weed(),
+            self._busy(),
+            time.perf_counter(),
+        )
 
     def stop(self) -> Cpu:
         own, children, weed, busy, wall = self.t0
@@ -254,8 +282,10 @@ class Series:
 
     def cpu_cell(self) -> str:
         med = lambda values: statistics.median(values)  # noqa: E731
-        return (f"{med(c.client for c in self.cpus):.1f} / {med(c.weed for c in self.cpus):.1f}"
-                f" / {med(c.other for c in self.cpus):.1f} s")
+        return (
+            f"{med(c.client for c in self.cpus):.1f} / {med(c.weed for c in self.cpus):.1f}"
+            f" / {med(c.other for c in self.cpus):.1f} s"
+        )
 
 
 # ---------------------------------------------------------------- SeaweedFS and versions
@@ -274,8 +304,10 @@ def running_weeds() -> list[str]:
             try:
                 state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
                 if (proc / "comm").read_text().strip() == "weed" and state != "Z":
-                    found.append(f"{proc.name}: "
-                                 + (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                    found.append(
+                        f"{proc.name}: "
+                        + (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    )
             except OSError:
                 continue
     return found
@@ -283,14 +315,210 @@ def running_weeds() -> list[str]:
 
 def agent_revision() -> str:
     """The commit the agent was run from, and whether agent/ had uncommitted changes."""
+
     def git(*command: str) -> str:
-        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["git", *command], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+
     commit = git("rev-parse", "--short", "HEAD") or "?"
-    return f"commit {commit}" + (" + uncommitted changes in agent/"
-                                 if git("status", "--porcelain", "--", "agent") else "")
+    return f"commit {commit}" + (
+        " + uncommitted changes in agent/" if git("status", "--porcelain", "--", "agent") else ""
+    )
 
 
 def weed_version() -> str:
     out = subprocess.run(["weed", "version"], capture_output=True, text=True).stdout.split()
     return f"SeaweedFS {out[2]}" if len(out) > 2 else "SeaweedFS"
+
+
+# ---------------------------------------------------------------- peers, changes, memory
+
+
+def ensure_debian_tools(tools: dict[str, str]) -> str | None:
+    """Install with apt-get the Debian packages of the commands missing from PATH (`tools`:
+    command -> package). Return None when every command is there afterwards, else one line
+    naming what is missing and how to install it."""
+    missing = sorted(
+        {package for command, package in tools.items() if shutil.which(command) is None}
+    )
+    if not missing:
+        return None
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return f"needs {', '.join(missing)}: run `apt-get install {' '.join(missing)}` as root"
+    log(f"installing {', '.join(missing)} with apt-get (benchmark peers)")
+    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        result = subprocess.run(install, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            return (
+                f"`apt-get install {' '.join(missing)}` failed: "
+                f"{result.stderr.strip().splitlines()[-1:]}"
+            )
+    still = [command for command in tools if shutil.which(command) is None]
+    return f"still missing after apt-get: {', '.join(still)}" if still else None
+
+
+@dataclass
+class Change:
+    """What an application changes between two backups of the mixed data set."""
+
+    in_place: int  # bytes rewritten in place in the large file (the DB-like file)
+    small_fraction: float  # share of the small files rewritten (same size, new content)
+    append: int  # bytes appended to logs/app.log
+    new_file: int  # size of one new random file, new/added-<run>.bin
+
+    def describe(self) -> str:
+        return (
+            f"{self.in_place / MiB:g} MiB rewritten in place in large.bin, "
+            f"{self.small_fraction:.0%} of the small files rewritten, "
+            f"{self.append / KiB:g} KiB appended to logs/app.log, one new "
+            f"{self.new_file / MiB:g} MiB file"
+        )
+
+
+def apply_change(root: Path, change: Change, content: Content, run: int) -> int:
+    """Change the data set at `root` (made by make_data_set) as `change` says, with seeded
+    content of the same kind as what it replaces; return the bytes written."""
+    written = 0
+    large = root / "large.bin"
+    size = large.stat().st_size
+    offset = content.rng.randrange(0, (size - change.in_place) // 4096) * 4096
+    with open(large, "r+b") as handle:
+        handle.seek(offset)
+        written += handle.write(content.mixed(change.in_place, binary=offset < size // 2))
+    small = sorted((root / "small").rglob("file-*"))
+    for path in content.rng.sample(small, max(1, round(len(small) * change.small_fraction))):
+        written += write_chunked(
+            path, [content.mixed(path.stat().st_size, binary=path.suffix == ".bin")]
+        )
+    with open(root / "logs" / "app.log", "ab") as handle:
+        written += handle.write(content.text(change.append))
+    (root / "new").mkdir(exist_ok=True)
+    written += write_chunked(
+        root / "new" / f"added-{run:03d}.bin", [content.random(change.new_file)]
+    )
+    return written
+
+
+def make_many_files(root: Path, count: int, content: Content) -> DataSet:
+    """Fill `root` with `count` small files of 0-4 KiB (half text, half random), 100 to a
+    directory: a data set whose cost is its file count."""
+    ds = DataSet(root)
+    for index in range(count):
+        folder = root / "many" / f"d{index // 10000:02d}" / f"e{index // 100 % 100:02d}"
+        if index % 100 == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        binary = index % 2 == 0
+        size = content.rng.randint(0, 4 * KiB)
+        (folder / f"f{index:06d}.{'bin' if binary else 'txt'}").write_bytes(
+            content.random(size) if binary else content.text(size)
+        )
+        ds.bytes += size
+    ds.files = count
+    ds.parts.append(f"{count} files of 0-4 KiB, 100 to a directory, half text, half random")
+    return ds
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and all its descendants alive now (from /proc/<pid>/task/*/children)."""
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        try:
+            for task in os.scandir(f"/proc/{current}/task"):
+                with open(f"{task.path}/children") as handle:
+                    stack += [int(child) for child in handle.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as handle:
+            return int(handle.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class PeakRss:
+    """The peak resident memory of a process tree: the sum of the RSS of a process and all its
+    descendants, sampled every `interval` seconds in a thread while the block runs, and at that
+    peak the RSS per command name (`parts`). RSS counts shared pages (libraries) once per
+    process, so the figure errs high."""
+
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self.parts: dict[str, list[int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            sizes = [(pid, _rss(pid)) for pid in _tree(self.pid)]
+            total = sum(size for _, size in sizes)
+            if total > self.peak:
+                self.peak, self.parts = total, {}
+                for pid, size in sizes:
+                    self.parts.setdefault(_comm(pid), []).append(size)
+            self._stop.wait(self.interval)
+
+    def describe(self) -> str:
+        """The processes at the peak, e.g. `python3 96.1, rsync 3 x 4.0 MiB`."""
+        return (
+            ", ".join(
+                f"{name} {len(sizes)} x {max(sizes) / MiB:.1f}"
+                if len(sizes) > 1
+                else f"{name} {sizes[0] / MiB:.1f}"
+                for name, sizes in sorted(self.parts.items(), key=lambda item: -sum(item[1]))
+            )
+            + " MiB"
+        )
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return "?"
+
+
+def run_with_peak_rss(
+    command: list[str], env: dict[str, str], cwd: Path
+) -> tuple[subprocess.CompletedProcess[str], PeakRss]:
+    """Run `command` with its output captured; return the result and the peak RSS of its
+    process tree."""
+    process = subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    with PeakRss(process.pid) as peak:
+        stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr), peak
+
+
+def directory_bytes(root: Path) -> int:
+    """The sum of the sizes of the regular files below `root`."""
+    total = 0
+    for directory, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total

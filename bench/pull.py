@@ -27,6 +27,7 @@ directories) is removed at the end, also on failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import random
@@ -47,8 +48,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.generations import seal  # noqa: E402
-from tests.sshd import (SshCA, SshdServer, install_gateway_agent, make_client_key,  # noqa: E402
-                        make_shared_dir, share_tree, start_sshd)
+from tests.sshd import (  # noqa: E402
+    SshCA,
+    SshdServer,
+    install_gateway_agent,
+    make_client_key,
+    make_shared_dir,
+    share_tree,
+    start_sshd,
+)
 
 RESULTS = ROOT / "bench" / "results" / "pull.md"
 AGENT_LOG = RESULTS.with_name("pull-agent.log")
@@ -101,10 +109,8 @@ class CountingRelay:
         except OSError:
             pass
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
     def take(self) -> tuple[int, int]:
         """Return (bytes to the source, bytes to the sink) since the last call, once every
@@ -129,11 +135,13 @@ def text_log(rng: random.Random, size: int, start: int) -> bytes:
     lines = []
     total, i = 0, start
     while total < size:
-        line = (f"2026-11-28T{i // 3_600_000 % 24:02d}:{i // 60_000 % 60:02d}:"
-                f"{i // 1000 % 60:02d}.{i % 1000:03d}Z INFO web-{rng.randrange(4)} "
-                f"GET /api/{rng.choice(paths)}/{rng.randrange(10**6)} "
-                f"status={rng.choice((200, 200, 200, 201, 304, 404))} "
-                f"ms={rng.randrange(1, 900)} req={rng.getrandbits(64):016x}\n")
+        line = (
+            f"2026-11-28T{i // 3_600_000 % 24:02d}:{i // 60_000 % 60:02d}:"
+            f"{i // 1000 % 60:02d}.{i % 1000:03d}Z INFO web-{rng.randrange(4)} "
+            f"GET /api/{rng.choice(paths)}/{rng.randrange(10**6)} "
+            f"status={rng.choice((200, 200, 200, 201, 304, 404))} "
+            f"ms={rng.randrange(1, 900)} req={rng.getrandbits(64):016x}\n"
+        )
         lines.append(line)
         total += len(line)
         i += 1
@@ -147,8 +155,9 @@ def first_generation(handover: Path, size: int) -> None:
     current = size * 4 // 10
     (directory / "app.log").write_bytes(text_log(rng, current, 0))
     for n in range(1, ROTATED + 1):
-        (directory / f"app.log.{n}").write_bytes(text_log(rng, (size - current) // ROTATED,
-                                                          n * 10**7))
+        (directory / f"app.log.{n}").write_bytes(
+            text_log(rng, (size - current) // ROTATED, n * 10**7)
+        )
     seal(handover / "logs" / GEN1, GEN1, "logs", SOURCE_ID)
     share_tree(handover)
 
@@ -185,34 +194,50 @@ class Transfer:
 def pull(env: dict[str, str], relay: CountingRelay, name: str, log: list[str]) -> Transfer:
     relay.take()
     started = time.monotonic()
-    process = subprocess.run([sys.executable, "-m", "agent", "sink", "pull-logs"], env=env,
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    process = subprocess.run(
+        [sys.executable, "-m", "agent", "sink", "pull-logs"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     seconds = time.monotonic() - started
     log.append(f"## {name}\n{process.stderr}")
     if process.returncode != 0:
-        raise RuntimeError(f"{name}: sink pull-logs exited {process.returncode}:\n"
-                           f"{process.stderr}")
+        raise RuntimeError(f"{name}: sink pull-logs exited {process.returncode}:\n{process.stderr}")
     received = int(re.search(r"(\d+) bytes received", process.stderr)[1])
-    fetch = re.search(r"3\.a fetch logs generation \S+ from \S+: done in ([\d.]+) s",
-                      process.stderr)
+    fetch = re.search(
+        r"3\.a fetch logs generation \S+ from \S+: done in ([\d.]+) s", process.stderr
+    )
     return Transfer(name, seconds, float(fetch[1]), received, None, *relay.take())
 
 
 def plain_rsync(rsh: str, relay: CountingRelay, gen: str, target: Path) -> Transfer:
     relay.take()
     started = time.monotonic()
-    process = subprocess.run(["rsync", "-a", "--stats", "--rsh", rsh,
-                              f"{LOG_USER}@127.0.0.1:{gen}/", f"{target}/"],
-                             capture_output=True, text=True, timeout=600)
+    process = subprocess.run(
+        ["rsync", "-a", "--stats", "--rsh", rsh, f"{LOG_USER}@127.0.0.1:{gen}/", f"{target}/"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     seconds = time.monotonic() - started
     if process.returncode != 0:
         raise RuntimeError(f"plain rsync exited {process.returncode}: {process.stderr}")
-    stats = {k.strip(): int(v.split()[0].replace(",", "")) for k, _, v in
-             (line.partition(":") for line in process.stdout.splitlines())
-             if k.strip() in ("Total bytes sent", "Total bytes received")}
-    return Transfer("plain `rsync -a` of generation 2 into an empty directory (no basis)",
-                    seconds, None, stats["Total bytes received"], stats["Total bytes sent"],
-                    *relay.take())
+    stats = {
+        k.strip(): int(v.split()[0].replace(",", ""))
+        for k, _, v in (line.partition(":") for line in process.stdout.splitlines())
+        if k.strip() in ("Total bytes sent", "Total bytes received")
+    }
+    return Transfer(
+        "plain `rsync -a` of generation 2 into an empty directory (no basis)",
+        seconds,
+        None,
+        stats["Total bytes received"],
+        stats["Total bytes sent"],
+        *relay.take(),
+    )
 
 
 # ---------------------------------------------------------------- the report
@@ -224,20 +249,24 @@ def mib(n: int | None) -> str:
     return f"{n / MiB:.2f} MiB" if n >= 100 * 1024 else f"{n / 1024:.1f} KiB"
 
 
-def report(args: argparse.Namespace, rows: list[Transfer], sizes: tuple[int, int],
-           load: str) -> str:
-    first, baseline, second = rows
+def report(
+    args: argparse.Namespace, rows: list[Transfer], sizes: tuple[int, int], load: str
+) -> str:
+    _first, baseline, second = rows
     verdict = "PASS" if second.wire <= TARGET_WIRE else "FAIL"
 
     def git(*command: str) -> str:
-        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True,
-                              check=False).stdout.strip()
+        return subprocess.run(
+            ["git", *command], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "?"
     if git("status", "--porcelain", "--", "agent"):
         commit += " + uncommitted changes in agent/"
-    rsync = re.search(r"version (\S+)", subprocess.run(["rsync", "--version"],
-                                                        capture_output=True, text=True).stdout)
+    rsync = re.search(
+        r"version (\S+)",
+        subprocess.run(["rsync", "--version"], capture_output=True, text=True).stdout,
+    )
     ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.split(",")[0]
     versions = f"rsync {rsync[1] if rsync else '?'}, {ssh}"
     lines = [
@@ -256,10 +285,11 @@ def report(args: argparse.Namespace, rows: list[Transfer], sizes: tuple[int, int
         "`logBackupSource`, rsync handed to `rrsync -ro`; the sink authenticates with an "
         "ed25519 key and its certificate. Both sides on this machine.",
         "- Bytes on the wire: counted by a TCP relay between the sink and sshd, each way, for "
-        "every SSH session of the job (a pull is three: `list`, rsync, `ack`); SSH-encrypted, "
+        "every SSH session of the job (a pull is four: `list`, the manifest's rsync, the "
+        "files' rsync, `ack`); SSH-encrypted, "
         "so they include SSH's handshakes and framing. rsync bytes: rsync's `--stats` (the "
         "agent's \"bytes received\" log line; the plain rsync's own stats).",
-        "- Wall time: the whole `sink pull-logs` job (three SSH logins, each starting the "
+        "- Wall time: the whole `sink pull-logs` job (four SSH logins, each starting the "
         "gateway's Python) or the plain rsync; fetch: the agent's `3.a fetch` step line.",
         "",
         "## Against the target",
@@ -280,9 +310,11 @@ def report(args: argparse.Namespace, rows: list[Transfer], sizes: tuple[int, int
     for row in rows:
         fetch = f"{row.fetch_seconds:.2f} s" if row.fetch_seconds is not None else ""
         sent = mib(row.rsync_sent) if row.rsync_sent is not None else "(not logged)"
-        lines.append(f"| {row.name} | {row.seconds:.2f} s | {fetch} | {mib(row.rsync_received)} "
-                     f"| {sent} | {mib(row.wire_to_sink)} "
-                     f"| {mib(row.wire_to_source)} | {mib(row.wire)} |")
+        lines.append(
+            f"| {row.name} | {row.seconds:.2f} s | {fetch} | {mib(row.rsync_received)} "
+            f"| {sent} | {mib(row.wire_to_sink)} "
+            f"| {mib(row.wire_to_source)} | {mib(row.wire)} |"
+        )
     lines += ["", f"Overall: **{verdict}**", ""]
     return "\n".join(lines)
 
@@ -310,18 +342,24 @@ def main() -> int:
         ca_dir = work / "ca"
         ca_dir.mkdir(mode=0o700)
         ca = SshCA(ca_dir)
-        server = start_sshd(work / "sshd", ca, agent.command("--env-file", env_file, "gateway"),
-                            env_file=env_file)
+        server = start_sshd(
+            work / "sshd", ca, agent.command("--env-file", env_file, "gateway"), env_file=env_file
+        )
         relay = CountingRelay(server.port)
         key = make_client_key(work / "sink")
         cert = ca.sign(key, [LOG_USER], identity="bench-sink")
         known_hosts = work / "sink" / "known_hosts"
         known_hosts.write_text(f"[127.0.0.1]:{relay.port} {server.host_key_line}\n")
         sink_store = work / "sink-store"
-        env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root"),
-               "SINK_SOURCES": f"{SOURCE_ID}=127.0.0.1:{relay.port}",
-               "SINK_SSH_KEY": str(key.private), "SINK_SSH_CERT": str(cert),
-               "SINK_KNOWN_HOSTS": str(known_hosts), "SINK_STORE_DIR": str(sink_store)}
+        env = {
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", "/root"),
+            "SINK_SOURCES": f"{SOURCE_ID}=127.0.0.1:{relay.port}",
+            "SINK_SSH_KEY": str(key.private),
+            "SINK_SSH_CERT": str(cert),
+            "SINK_KNOWN_HOSTS": str(known_hosts),
+            "SINK_STORE_DIR": str(sink_store),
+        }
         options = server.ssh_options(key, cert, known_hosts)
         options[options.index("-p") + 1] = str(relay.port)  # through the relay, as the sink
         rsh = shlex.join(["ssh", *options])

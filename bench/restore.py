@@ -8,7 +8,7 @@
 (run from the repository root, as root). It builds the mixed data set of bench/push.py (one
 large file, half random and half text; ~5000 small files; 16 MiB files up to the size; text
 logs) in a Docker named volume of a running application container (with --no-downtime: in a
-temporary directory, no Docker needed), archives it once with `agent.archive.create` at zstd
+temporary directory, no Docker needed), archives it once with `agent.core.archive.create` at zstd
 level 1 as the agent does, seals it with a manifest into a local store directory
 `<store>/data/<gen>/` and uploads it (archive, then MANIFEST.json) to a SeaweedFS this
 benchmark starts itself, under `<prefix>/<source-id>/data/<gen>/`. Then, --repeat times,
@@ -51,13 +51,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import boto3  # noqa: E402
+from common import (  # noqa: E402
+    Content,
+    Cpu,
+    CpuMeter,
+    DataSet,
+    MiB,
+    Series,
+    agent_revision,
+    docker_with_image,
+    drop_caches,
+    interrupt,
+    log,
+    make_data_set,
+    markdown_table,
+    port_in_use,
+    running_weeds,
+    text_table,
+    throughput,
+    verdict,
+    weed_version,
+)
 
-from agent import archive, generation, manifest, mirror  # noqa: E402
-from agent.manifest import FileEntry, Manifest  # noqa: E402
-from common import (MiB, Content, Cpu, CpuMeter, DataSet, Series,  # noqa: E402
-                    agent_revision, docker_with_image, drop_caches, interrupt, log,
-                    make_data_set, markdown_table, port_in_use, running_weeds, text_table,
-                    throughput, verdict, weed_version)
+from agent.core import archive, generation, manifest  # noqa: E402
+from agent.core.manifest import FileEntry, Manifest  # noqa: E402
 from tests.conftest import S3Server  # noqa: E402
 from tests.trees import snapshot  # noqa: E402
 
@@ -68,7 +85,7 @@ S3_PORT = 8333
 ADMIN = ("bench-admin", "bench-admin-secret")
 BUCKET, PREFIX = "bench-restore", "bench"
 SOURCE_ID = "bench-source"
-ZSTD_LEVEL = 1  # the agent's default (agent/config.py)
+ZSTD_LEVEL = 1  # the agent's default (agent/config/settings.py)
 AGENT_PART_MIB, AGENT_CONCURRENCY = 16, 4  # the agent's S3 defaults
 
 # Target of the issue: a restore costs at most this much more than unpacking by hand.
@@ -104,15 +121,23 @@ def make_generation(data_dir: Path, store: Path) -> Generation:
     directory.mkdir(parents=True)
     target = directory / archive.ARCHIVE_NAME
     start = time.perf_counter()
-    digest = archive.create(Path("/"), [mirror.member_name(data_dir)], target, ZSTD_LEVEL,
-                            0).stored
+    digest = archive.create(
+        Path("/"), [archive.member_name(data_dir)], target, ZSTD_LEVEL, 0
+    ).stored
     seconds = time.perf_counter() - start
-    manifest.write(directory, Manifest(
-        source_id=SOURCE_ID, kind="data", generation=gen,
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"), downtime_seconds=0.0,
-        agent_version="bench", files=(FileEntry(archive.ARCHIVE_NAME, digest.size,
-                                                digest.sha256),),
-        paths=(str(data_dir),)))
+    manifest.write(
+        directory,
+        Manifest(
+            source_id=SOURCE_ID,
+            kind="data",
+            generation=gen,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            downtime_seconds=0.0,
+            agent_version="bench",
+            files=(FileEntry(archive.ARCHIVE_NAME, digest.size, digest.sha256),),
+            paths=(str(data_dir),),
+        ),
+    )
     return Generation(gen, store, target, digest, seconds)
 
 
@@ -122,12 +147,12 @@ def upload(server: S3Server, gen: Generation) -> None:
     client.create_bucket(Bucket=BUCKET)
     prefix = f"{PREFIX}/{SOURCE_ID}/data/{gen.id}/"
     client.upload_file(str(gen.archive), BUCKET, prefix + archive.ARCHIVE_NAME)
-    client.upload_file(str(gen.archive.with_name(manifest.NAME)), BUCKET,
-                       prefix + manifest.NAME)
+    client.upload_file(str(gen.archive.with_name(manifest.NAME)), BUCKET, prefix + manifest.NAME)
     head = client.head_object(Bucket=BUCKET, Key=prefix + archive.ARCHIVE_NAME)
     if head["ContentLength"] != gen.digest.size:
-        raise RuntimeError(f"the store holds {head['ContentLength']} bytes of the archive, "
-                           f"not {gen.digest.size}")
+        raise RuntimeError(
+            f"the store holds {head['ContentLength']} bytes of the archive, not {gen.digest.size}"
+        )
 
 
 # ---------------------------------------------------------------- the runs
@@ -144,36 +169,57 @@ class Run:
 
 
 def agent_env(data_dir: Path, work: Path, server: S3Server, label: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k in ("PATH", "HOME", "LANG", "DOCKER_HOST", "PYTHONPATH")}
-    env.update(SOURCE_ID=SOURCE_ID, DATA_PATHS=str(data_dir), LOG_PATHS="",
-               HANDOVER_DIR=str(work / "handover"), SOURCE_STORE_DIR=str(work / "source-store"),
-               STOP_LABEL=f"{label}=true", STOP_TIMEOUT="5",
-               S3_ENDPOINT_URL=server.endpoint, S3_BUCKET=BUCKET, S3_PREFIX=PREFIX,
-               AWS_ACCESS_KEY_ID=ADMIN[0], AWS_SECRET_ACCESS_KEY=ADMIN[1])
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in ("PATH", "HOME", "LANG", "DOCKER_HOST", "PYTHONPATH")
+    }
+    env.update(
+        SOURCE_ID=SOURCE_ID,
+        DATA_PATHS=str(data_dir),
+        LOG_PATHS="",
+        HANDOVER_DIR=str(work / "handover"),
+        SOURCE_STORE_DIR=str(work / "source-store"),
+        STOP_LABEL=f"{label}=true",
+        STOP_TIMEOUT="5",
+        S3_ENDPOINT_URL=server.endpoint,
+        S3_BUCKET=BUCKET,
+        S3_PREFIX=PREFIX,
+        AWS_ACCESS_KEY_ID=ADMIN[0],
+        AWS_SECRET_ACCESS_KEY=ADMIN[1],
+    )
     return env
 
 
 def baseline(title: str, gen: Generation, target: Path, meter: CpuMeter) -> Run:
     """`zstd -dc | tar -x` into a fresh directory, as a user would unpack by hand."""
-    return _shell(title, target, meter, f"zstd -dc --no-progress -- '{gen.archive}' | "
-                                        f"tar -x --numeric-owner -p -C '{target}'")
+    return _shell(
+        title,
+        target,
+        meter,
+        f"zstd -dc --no-progress -- '{gen.archive}' | tar -x --numeric-owner -p -C '{target}'",
+    )
 
 
 def baseline_verified(title: str, gen: Generation, target: Path, meter: CpuMeter) -> Run:
     """What a careful user does by hand: check the archive's sha256 (openssl, which uses the
     CPU's SHA instructions as the agent's hashlib does), then `zstd -dc | tar -x`."""
-    return _shell(title, target, meter,
-                  f"test \"$(openssl dgst -sha256 -r '{gen.archive}' | cut -d' ' -f1)\" = "
-                  f"'{gen.digest.sha256}' && zstd -dc --no-progress -- '{gen.archive}' | "
-                  f"tar -x --numeric-owner -p -C '{target}'")
+    return _shell(
+        title,
+        target,
+        meter,
+        f"test \"$(openssl dgst -sha256 -r '{gen.archive}' | cut -d' ' -f1)\" = "
+        f"'{gen.digest.sha256}' && zstd -dc --no-progress -- '{gen.archive}' | "
+        f"tar -x --numeric-owner -p -C '{target}'",
+    )
 
 
 def _shell(title: str, target: Path, meter: CpuMeter, command: str) -> Run:
     target.mkdir(parents=True)
     meter.start()
-    result = subprocess.run(["bash", "-c", "set -o pipefail; " + command], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["bash", "-c", "set -o pipefail; " + command], capture_output=True, text=True
+    )
     cpu = meter.stop()
     if result.returncode != 0:
         raise RuntimeError(f"{title} failed (exit {result.returncode}):\n{result.stderr}")
@@ -183,12 +229,18 @@ def _shell(title: str, target: Path, meter: CpuMeter, command: str) -> Run:
 def agent_restore(title: str, env: dict[str, str], meter: CpuMeter, *args: str) -> Run:
     """`backup-agent restore ARGS` in a fresh process; its wall time and step lines."""
     meter.start()
-    result = subprocess.run([sys.executable, "-m", "agent", "--env-file", os.devnull, "restore",
-                             *args], env=env, cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "--env-file", os.devnull, "restore", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     cpu = meter.stop()
     if result.returncode != 0:
-        raise RuntimeError(f"agent failed in {title!r} (exit {result.returncode}):\n"
-                           f"{result.stderr[-4000:]}")
+        raise RuntimeError(
+            f"agent failed in {title!r} (exit {result.returncode}):\n{result.stderr[-4000:]}"
+        )
     steps: dict[str, float] = {}
     for line in result.stderr.splitlines():
         match = STEP_LINE.search(line)
@@ -199,8 +251,9 @@ def agent_restore(title: str, env: dict[str, str], meter: CpuMeter, *args: str) 
             name = re.sub(r" into \S+", " into <dir>", name)
             steps[name] = steps.get(name, 0.0) + float(match["seconds"])
     downtime = DOWNTIME.search(result.stdout)
-    return Run(title, cpu.wall, cpu, result.stderr, steps,
-               float(downtime["seconds"]) if downtime else None)
+    return Run(
+        title, cpu.wall, cpu, result.stderr, steps, float(downtime["seconds"]) if downtime else None
+    )
 
 
 def check_tree(title: str, restored: Path, expected: dict) -> None:
@@ -210,8 +263,10 @@ def check_tree(title: str, restored: Path, expected: dict) -> None:
         missing = len(expected.keys() - found.keys())
         extra = len(found.keys() - expected.keys())
         differ = sum(1 for k in expected.keys() & found.keys() if expected[k] != found[k])
-        raise RuntimeError(f"{title}: the restored tree differs from the data set ({missing} "
-                           f"missing, {extra} extra, {differ} different entries)")
+        raise RuntimeError(
+            f"{title}: the restored tree differs from the data set ({missing} "
+            f"missing, {extra} extra, {differ} different entries)"
+        )
 
 
 def stop_start_floor(container) -> float:
@@ -231,18 +286,29 @@ def stop_start_floor(container) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-gib", type=float, default=1.0, help="size of the data set")
-    parser.add_argument("--repeat", type=int, default=3,
-                        help="runs of each measurement, interleaved; the medians count "
-                             "(default 3)")
-    parser.add_argument("--no-downtime", action="store_true",
-                        help="skip d. (the full restore into a running container's volume); "
-                             "the data set is then made in a temporary directory and Docker "
-                             "is not needed")
-    parser.add_argument("--warm", action="store_true",
-                        help="do not drop page caches (everything runs warm)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the temporary directory goes (default: the system's); "
-                             "the fresh directories of a.-c. are made there")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs of each measurement, interleaved; the medians count (default 3)",
+    )
+    parser.add_argument(
+        "--no-downtime",
+        action="store_true",
+        help="skip d. (the full restore into a running container's volume); "
+        "the data set is then made in a temporary directory and Docker "
+        "is not needed",
+    )
+    parser.add_argument(
+        "--warm", action="store_true", help="do not drop page caches (everything runs warm)"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the temporary directory goes (default: the system's); "
+        "the fresh directories of a.-c. are made there",
+    )
     args = parser.parse_args()
 
     for tool in ("weed", "zstd", "tar"):
@@ -251,10 +317,12 @@ def main() -> int:
             return 2
     weeds = running_weeds()
     if weeds or port_in_use(S3_PORT):
-        print(f"port {S3_PORT} is in use or another SeaweedFS is running; this benchmark starts "
-              "its own and never stops one it did not start. Stop it first:\n  "
-              + "\n  ".join(weeds or [f"(something listens on 127.0.0.1:{S3_PORT})"]),
-              file=sys.stderr)
+        print(
+            f"port {S3_PORT} is in use or another SeaweedFS is running; this benchmark starts "
+            "its own and never stops one it did not start. Stop it first:\n  "
+            + "\n  ".join(weeds or [f"(something listens on 127.0.0.1:{S3_PORT})"]),
+            file=sys.stderr,
+        )
         return 2
     client = None
     if not args.no_downtime:
@@ -279,12 +347,12 @@ def main() -> int:
         for thing in reversed(made):
             try:
                 thing.remove(force=True)  # type: ignore[attr-defined]
-            except Exception as exc:  # noqa: BLE001 - go on cleaning
+            except Exception as exc:
                 log(f"cleanup: {exc}")
         if server is not None:
             try:
                 server.stop()
-            except Exception as exc:  # noqa: BLE001 - go on cleaning
+            except Exception as exc:
                 log(f"cleanup: could not stop SeaweedFS: {exc}")
         shutil.rmtree(work, ignore_errors=True)
         if client is not None:
@@ -310,8 +378,9 @@ TITLES = {
 }
 
 
-def benchmark(args: argparse.Namespace, work: Path, client, made: list[object],
-              server: S3Server) -> int:
+def benchmark(
+    args: argparse.Namespace, work: Path, client, made: list[object], server: S3Server
+) -> int:
     tag = uuid.uuid4().hex[:8]
     label = f"backup.bench-restore-{tag}"
     container = None
@@ -330,9 +399,13 @@ def benchmark(args: argparse.Namespace, work: Path, client, made: list[object],
     expected = snapshot(data_dir)
     if client is not None:
         container = client.containers.run(
-            BASE_IMAGE, ["bash", "-c", APP_SCRIPT], name=f"bench-restore-app-{tag}",
-            detach=True, labels={label: "true"},
-            volumes={volume.name: {"bind": "/data", "mode": "rw"}})
+            BASE_IMAGE,
+            ["bash", "-c", APP_SCRIPT],
+            name=f"bench-restore-app-{tag}",
+            detach=True,
+            labels={label: "true"},
+            volumes={volume.name: {"bind": "/data", "mode": "rw"}},
+        )
         made.append(container)
 
     log(f"archiving it as the agent does (zstd level {ZSTD_LEVEL}) into a local store")
@@ -346,7 +419,7 @@ def benchmark(args: argparse.Namespace, work: Path, client, made: list[object],
     meter = CpuMeter(server.process.pid)
     env = agent_env(data_dir, work, server, label)
     cold = not args.warm and drop_caches()
-    member = mirror.member_name(data_dir)
+    member = archive.member_name(data_dir)
 
     floor = None
     if container is not None:
@@ -367,8 +440,9 @@ def benchmark(args: argparse.Namespace, work: Path, client, made: list[object],
             elif key == "v":
                 run = baseline_verified(TITLES[key], gen, out, meter)
             elif key == "b":
-                run = agent_restore(TITLES[key], env, meter, "--from", str(gen.store),
-                                    "--target", str(out))
+                run = agent_restore(
+                    TITLES[key], env, meter, "--from", str(gen.store), "--target", str(out)
+                )
             elif key == "c":
                 run = agent_restore(TITLES[key], env, meter, "--from", "s3", "--target", str(out))
             else:
@@ -377,12 +451,15 @@ def benchmark(args: argparse.Namespace, work: Path, client, made: list[object],
                 run = agent_restore(TITLES[key], env, meter, "--from", str(gen.store))
                 container.reload()  # type: ignore[union-attr]
                 if container.status != "running" or (  # type: ignore[union-attr]
-                        container.attrs["State"]["StartedAt"] == started):  # type: ignore
+                    container.attrs["State"]["StartedAt"] == started
+                ):  # type: ignore
                     raise RuntimeError("d.: the application was not stopped and started again")
             series[key].add(run.seconds, run.cpu)
             runs[key].append(run)
-            log(f"  {run.seconds:.2f} s ({throughput(gen.digest.size, run.seconds):.0f} MiB/s "
-                "of archive)" + (f", downtime {run.downtime:.2f} s" if run.downtime else ""))
+            log(
+                f"  {run.seconds:.2f} s ({throughput(gen.digest.size, run.seconds):.0f} MiB/s "
+                "of archive)" + (f", downtime {run.downtime:.2f} s" if run.downtime else "")
+            )
             if index == 0:
                 check_tree(TITLES[key], data_dir if key == "d" else out / member, expected)
             shutil.rmtree(work / "out", ignore_errors=True)
@@ -403,45 +480,90 @@ def report(args: argparse.Namespace, r: Results) -> int:
         ratio = r.series[key].median / base.median
         ok = ratio <= RESTORE_VS_BASELINE
         all_ok = all_ok and ok
-        rows.append((r.series[key].title, r.series[key].time_cell(),
-                     f"{throughput(size, r.series[key].median):.0f} MiB/s of archive",
-                     f"`zstd -dc | tar -x` {base.time_cell()}", f"{ratio:.2f}",
-                     f"<= {RESTORE_VS_BASELINE} x", verdict(ok)))
+        rows.append(
+            (
+                r.series[key].title,
+                r.series[key].time_cell(),
+                f"{throughput(size, r.series[key].median):.0f} MiB/s of archive",
+                f"`zstd -dc | tar -x` {base.time_cell()}",
+                f"{ratio:.2f}",
+                f"<= {RESTORE_VS_BASELINE} x",
+                verdict(ok),
+            )
+        )
 
-    info_headers = ("measurement", "time (median, min-max)", "throughput",
-                    "CPU s: client / weed / rest of machine", "notes")
+    info_headers = (
+        "measurement",
+        "time (median, min-max)",
+        "throughput",
+        "CPU s: client / weed / rest of machine",
+        "notes",
+    )
     info = []
     for key, series in r.series.items():
-        notes = {"a": "no hashing, no member checks",
-                 "v": "the archive read twice: once to hash, once to unpack",
-                 "b": "sha256 of the archive, tar header checks, GNU tar",
-                 "c": f"ranged GETs of {AGENT_PART_MIB} MiB, {AGENT_CONCURRENCY} at once",
-                 "d": "unpack and verify beside the running application, swap, start, remove "
-                      "the replaced contents"}[key]
-        info.append((series.title, series.time_cell(),
-                     f"{throughput(size, series.median):.0f} MiB/s of archive, "
-                     f"{throughput(r.ds.bytes, series.median):.0f} MiB/s of data",
-                     series.cpu_cell(), notes))
+        notes = {
+            "a": "no hashing, no member checks",
+            "v": "the archive read twice: once to hash, once to unpack",
+            "b": "sha256 of the archive, tar header checks, GNU tar",
+            "c": f"ranged GETs of {AGENT_PART_MIB} MiB, {AGENT_CONCURRENCY} at once",
+            "d": "unpack and verify beside the running application, swap, start, remove "
+            "the replaced contents",
+        }[key]
+        info.append(
+            (
+                series.title,
+                series.time_cell(),
+                f"{throughput(size, series.median):.0f} MiB/s of archive, "
+                f"{throughput(r.ds.bytes, series.median):.0f} MiB/s of data",
+                series.cpu_cell(),
+                notes,
+            )
+        )
     verified = r.series["v"]
     for key in ("b", "c"):
-        info.append((f"{key}. against v (unpacking by hand with verification)",
-                     r.series[key].time_cell(), "", "",
-                     f"{r.series[key].median / verified.median:.2f} x v"))
+        info.append(
+            (
+                f"{key}. against v (unpacking by hand with verification)",
+                r.series[key].time_cell(),
+                "",
+                "",
+                f"{r.series[key].median / verified.median:.2f} x v",
+            )
+        )
     for key in ("b", "c"):
-        step = statistics.median(sum(seconds for name, seconds in run.steps.items()
-                                     if name.startswith("fetch, verify and unpack"))
-                                 for run in r.runs[key])
-        info.append((f"{key}. its `fetch, verify and unpack` step alone", f"{step:.2f} s",
-                     f"{throughput(size, step):.0f} MiB/s of archive", "",
-                     f"{step / base.median:.2f} x the baseline; the rest of the run is the "
-                     "agent's start-up (Python imports, read cold), configuration, lock and "
-                     "manifest"))
+        step = statistics.median(
+            sum(
+                seconds
+                for name, seconds in run.steps.items()
+                if name.startswith("fetch, verify and unpack")
+            )
+            for run in r.runs[key]
+        )
+        info.append(
+            (
+                f"{key}. its `fetch, verify and unpack` step alone",
+                f"{step:.2f} s",
+                f"{throughput(size, step):.0f} MiB/s of archive",
+                "",
+                f"{step / base.median:.2f} x the baseline; the rest of the run is the "
+                "agent's start-up (Python imports, read cold), configuration, lock and "
+                "manifest",
+            )
+        )
     if "d" in r.runs:
-        downtime = Series("d. downtime (the application stopped)",
-                          [run.downtime or 0.0 for run in r.runs["d"]])
-        info.append((downtime.title, downtime.time_cell(), "", "",
-                     "as the agent reports it: stop, swap by renames, start"
-                     + (f"; docker stop + start alone: {r.floor:.2f} s" if r.floor else "")))
+        downtime = Series(
+            "d. downtime (the application stopped)", [run.downtime or 0.0 for run in r.runs["d"]]
+        )
+        info.append(
+            (
+                downtime.title,
+                downtime.time_cell(),
+                "",
+                "",
+                "as the agent reports it: stop, swap by renames, start"
+                + (f"; docker stop + start alone: {r.floor:.2f} s" if r.floor else ""),
+            )
+        )
 
     agents = {key: runs for key, runs in r.runs.items() if key not in ("a", "v")}
     names: list[str] = []
@@ -449,27 +571,44 @@ def report(args: argparse.Namespace, r: Results) -> int:
         for run in runs:
             names += [name for name in run.steps if name not in names]
     step_headers = ("step (median seconds)", *agents)
-    step_rows = [(name, *(f"{statistics.median(run.steps.get(name, 0.0) for run in runs):.2f}"
-                          if any(name in run.steps for run in runs) else ""
-                          for runs in agents.values()))
-                 for name in names]
+    step_rows = [
+        (
+            name,
+            *(
+                f"{statistics.median(run.steps.get(name, 0.0) for run in runs):.2f}"
+                if any(name in run.steps for run in runs)
+                else ""
+                for runs in agents.values()
+            ),
+        )
+        for name in names
+    ]
 
-    command = (f"python bench/restore.py --size-gib {args.size_gib:g} --repeat {args.repeat}"
-               + (" --no-downtime" if args.no_downtime else "")
-               + (" --warm" if args.warm else ""))
-    machine = (f"{os.cpu_count()} cores, "
-               f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.0f} GiB "
-               f"RAM, Linux {platform.release()}, Python {platform.python_version()}, "
-               f"boto3 {boto3.__version__}, {weed_version()}, {tool_version('zstd')}, "
-               f"{tool_version('tar')}")
+    command = (
+        f"python bench/restore.py --size-gib {args.size_gib:g} --repeat {args.repeat}"
+        + (" --no-downtime" if args.no_downtime else "")
+        + (" --warm" if args.warm else "")
+    )
+    machine = (
+        f"{os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / (1 << 30):.0f} GiB "
+        f"RAM, Linux {platform.release()}, Python {platform.python_version()}, "
+        f"boto3 {boto3.__version__}, {weed_version()}, {tool_version('zstd')}, "
+        f"{tool_version('tar')}"
+    )
     revision = agent_revision()
-    caches = ("dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) before every run, so each "
-              "reads the archive (or SeaweedFS its volume files) cold" if r.cold
-              else "not dropped: everything runs warm")
+    caches = (
+        "dropped (`sync; echo 3 > /proc/sys/vm/drop_caches`) before every run, so each "
+        "reads the archive (or SeaweedFS its volume files) cold"
+        if r.cold
+        else "not dropped: everything runs warm"
+    )
 
     print()
-    print(f"Data set: {r.ds.describe()}; archive {size / MiB:.0f} MiB; load average at the start "
-          f"{LOAD_AT_START}; agent at {revision}")
+    print(
+        f"Data set: {r.ds.describe()}; archive {size / MiB:.0f} MiB; load average at the start "
+        f"{LOAD_AT_START}; agent at {revision}"
+    )
     print(text_table(headers, rows))
     print()
     print(text_table(info_headers, info))
@@ -477,56 +616,79 @@ def report(args: argparse.Namespace, r: Results) -> int:
     print(text_table(step_headers, step_rows))
     print(f"\noverall: {verdict(all_ok)}")
 
-    where = ("in a Docker named volume of a running application container (which leaves it "
-             "alone)" if "d" in r.runs else "in a temporary directory")
+    where = (
+        "in a Docker named volume of a running application container (which leaves it alone)"
+        if "d" in r.runs
+        else "in a temporary directory"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join([
-        "# Restore benchmark (`backup-agent restore`: fetch, verify and unpack a data "
-        "generation)",
-        "",
-        f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `{command}` on {machine}; "
-        f"agent at {revision}.",
-        "",
-        f"- Data set, {where}: {r.ds.describe()}: " + "; ".join(r.ds.parts) + ". Content is "
-        "seeded (reproducible).",
-        f"- One generation: `agent.archive.create` of the data path at zstd level {ZSTD_LEVEL} "
-        f"on every core, as the agent makes it ({size / MiB:.0f} MiB, "
-        f"{size / r.ds.bytes:.0%} of the data, {r.gen.seconds:.1f} s), with its manifest, in a "
-        "local store directory and — archive, then manifest — in one SeaweedFS (`weed mini`) "
-        "on this machine, over http on loopback, as an admin identity.",
-        f"- Caches: {caches}.",
-        f"- {args.repeat} runs of each measurement, interleaved (a, b, c"
-        + (", d" if "d" in r.runs else "") + " in every round); medians count. Each run unpacks "
-        "into a new directory beside the others (a.-c.) or into the volume (d.); the output is "
-        "removed after the run, untimed. The first run of each is compared with the data set "
-        "(content, modes, numeric owners, mtimes, symbolic and hard links).",
-        "- Agent runs: `python -m agent --env-file /dev/null restore ...` in a fresh process, "
-        f"default settings (S3_PART_SIZE_MB={AGENT_PART_MIB}, "
-        f"S3_CONCURRENCY={AGENT_CONCURRENCY}); time = the process's wall time, start-up "
-        "included.",
-        "- CPU seconds over each measurement: the client (this process and its children: the "
-        "agent with GNU tar, or the shell with zstd and tar), the SeaweedFS process, and "
-        "everything else on the machine (/proc/stat busy time minus the two; "
-        f"{os.cpu_count()} cores give {os.cpu_count()} CPU seconds per second). Load average at "
-        f"the start: {LOAD_AT_START}.",
-        "",
-        "## Against the targets",
-        "",
-        markdown_table(headers, rows),
-        "",
-        f"Overall: **{verdict(all_ok)}**",
-        "",
-        "## All measurements",
-        "",
-        markdown_table(info_headers, info),
-        "",
-        "## Median seconds per agent step (from the agent's log lines)",
-        "",
-        markdown_table(step_headers, step_rows),
-        "",
-    ]))
-    AGENT_LOG.write_text("".join(f"===== {run.title}, run {i + 1}\n{run.stderr}\n"
-                                 for runs in agents.values() for i, run in enumerate(runs)))
+    RESULTS.write_text(
+        "\n".join(
+            [
+                "# Restore benchmark (`backup-agent restore`: fetch, verify and unpack a data "
+                "generation)",
+                "",
+                f"Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC with `{command}` on {machine}; "
+                f"agent at {revision}.",
+                "",
+                f"- Data set, {where}: {r.ds.describe()}: "
+                + "; ".join(r.ds.parts)
+                + ". Content is "
+                "seeded (reproducible).",
+                "- One generation: `agent.core.archive.create` of the data path at zstd level "
+                f"{ZSTD_LEVEL} "
+                f"on every core, as the agent makes it ({size / MiB:.0f} MiB, "
+                f"{size / r.ds.bytes:.0%} of the data, {r.gen.seconds:.1f} s), with its manifest, "
+                "in a "
+                "local store directory and — archive, then manifest — in one SeaweedFS (`weed "
+                "mini`) "
+                "on this machine, over http on loopback, as an admin identity.",
+                f"- Caches: {caches}.",
+                f"- {args.repeat} runs of each measurement, interleaved (a, b, c"
+                + (", d" if "d" in r.runs else "")
+                + " in every round); medians count. Each run unpacks "
+                "into a new directory beside the others (a.-c.) or into the volume (d.); the "
+                "output is "
+                "removed after the run, untimed. The first run of each is compared with the data "
+                "set "
+                "(content, modes, numeric owners, mtimes, symbolic and hard links).",
+                "- Agent runs: `python -m agent --env-file /dev/null restore ...` in a fresh "
+                "process, "
+                f"default settings (S3_PART_SIZE_MB={AGENT_PART_MIB}, "
+                f"S3_CONCURRENCY={AGENT_CONCURRENCY}); time = the process's wall time, start-up "
+                "included.",
+                "- CPU seconds over each measurement: the client (this process and its children: "
+                "the "
+                "agent with GNU tar, or the shell with zstd and tar), the SeaweedFS process, and "
+                "everything else on the machine (/proc/stat busy time minus the two; "
+                f"{os.cpu_count()} cores give {os.cpu_count()} CPU seconds per second). Load "
+                "average at "
+                f"the start: {LOAD_AT_START}.",
+                "",
+                "## Against the targets",
+                "",
+                markdown_table(headers, rows),
+                "",
+                f"Overall: **{verdict(all_ok)}**",
+                "",
+                "## All measurements",
+                "",
+                markdown_table(info_headers, info),
+                "",
+                "## Median seconds per agent step (from the agent's log lines)",
+                "",
+                markdown_table(step_headers, step_rows),
+                "",
+            ]
+        )
+    )
+    AGENT_LOG.write_text(
+        "".join(
+            f"===== {run.title}, run {i + 1}\n{run.stderr}\n"
+            for runs in agents.values()
+            for i, run in enumerate(runs)
+        )
+    )
     log(f"wrote {RESULTS.relative_to(ROOT)} and {AGENT_LOG.relative_to(ROOT)}")
     return 0 if all_ok else 1
 
