@@ -20,7 +20,7 @@ from pathlib import Path
 import pyrage
 import pytest
 
-from agent.chunks import index, pack
+from agent.chunks import chunker, index, pack
 from agent.core import archive, manifest
 from agent.core.manifest import FileEntry, Manifest
 from tests.chunkgen import build_chunked, corrupt, pack_files, upload_store
@@ -31,6 +31,8 @@ from tests.trees import snapshot
 GEN = "2026-11-28T02-00-00Z"
 GEN2 = "2026-11-29T02-00-00Z"
 MiB = 1 << 20
+# random bytes longer than the longest chunk: cut into two chunks at least, whatever the bytes
+SEVERAL_CHUNKS = chunker.MAX_SIZE + MiB
 
 
 def env_for(base: Path, data: Path, **extra: str) -> dict[str, str]:
@@ -384,7 +386,7 @@ def _rewrite(
 def test_a_file_whose_content_differs_from_its_index_is_refused(tmp_path: Path, order: str) -> None:
     data = tmp_path / "app-data"
     data.mkdir()
-    (data / "big.bin").write_bytes(os.urandom(3 * MiB))
+    (data / "big.bin").write_bytes(os.urandom(SEVERAL_CHUNKS))
     m = build_chunked(tmp_path / "store", [data], GEN, pack_size=1)  # a pack per blob
     assert len(m.packs) > 1
     _rewrite(tmp_path / "store", GEN, "big.bin", reverse_packs=order == "out of order")
@@ -397,8 +399,9 @@ def test_a_file_whose_content_differs_from_its_index_is_refused(tmp_path: Path, 
 def test_a_file_whose_chunks_arrive_out_of_order_is_restored_and_checked(tmp_path: Path) -> None:
     data = tmp_path / "app-data"
     data.mkdir()
-    (data / "big.bin").write_bytes(os.urandom(3 * MiB))
-    build_chunked(tmp_path / "store", [data], GEN, pack_size=1)
+    (data / "big.bin").write_bytes(os.urandom(SEVERAL_CHUNKS))
+    m = build_chunked(tmp_path / "store", [data], GEN, pack_size=1)  # a pack per blob
+    assert len(m.packs) > 1
     for reverse in (False, True):
         _rewrite(tmp_path / "store", GEN, reverse_packs=reverse)
         out = tmp_path / f"out-{reverse}"
