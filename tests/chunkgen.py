@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.chunks import builder, ids, index
+from agent.chunks import handover as chunked
 from agent.chunks.cache import DedupCache
 from agent.core import manifest
 from agent.core.manifest import FileEntry, Manifest, PackRef
@@ -33,6 +34,7 @@ def build_chunked(
     earlier calls wrote there. Return its manifest."""
     if recipients and key is None:
         key = ids.load_or_create_key(store / ".state")
+    settings = builder.BuildSettings(3, tuple(recipients), key, pack_size, 2)
     cache = DedupCache(store / ".state" / "dedup.sqlite", str(store))
     gen_dir = store / "data" / gen
     gen_dir.mkdir(parents=True)
@@ -42,7 +44,7 @@ def build_chunked(
             Path("/"),
             [str(p).lstrip("/") for p in data_paths],
             None,
-            builder.BuildSettings(3, tuple(recipients), key, pack_size, 2),
+            settings,
             builder.Dedup(cache, []),
             store / "packs",
             store / ".state",
@@ -52,10 +54,9 @@ def build_chunked(
     finally:
         cache.close()
         plain.unlink(missing_ok=True)
+    files = [FileEntry(name, size, sha256)]
     if recipients:
-        assert key is not None
-        (store / "keys").mkdir(exist_ok=True)
-        (store / ids.KEY_OBJECT).write_bytes(ids.encrypt_key(key, recipients))
+        files.append(chunked.publish_key(gen_dir, settings))
     m = Manifest(
         source_id=source,
         kind="data",
@@ -63,7 +64,7 @@ def build_chunked(
         created_at=gen,
         downtime_seconds=0.1,
         agent_version="test",
-        files=(FileEntry(name, size, sha256),),
+        files=tuple(files),
         paths=tuple(map(str, data_paths)),
         format=manifest.CHUNKS_FORMAT_VERSION,
         data_format="chunks",

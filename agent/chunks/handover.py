@@ -2,7 +2,8 @@
 
 ```
 <handover>/packs/<2 hex>/<id>.pack      packs of generations still waiting (immutable)
-<handover>/data/<gen>/INDEX.zst[.age]   the index, then MANIFEST.json (staged, renamed in)
+<handover>/data/<gen>/INDEX.zst[.age]   the index (encrypted: and CHUNK-ID-KEY.age), then
+                                        MANIFEST.json (staged, renamed in)
 <handover>/.state/chunks/               the chunk-id key, the dedup caches (one per store),
                                         the previous generation's index in plaintext
 ```
@@ -16,6 +17,7 @@ its recipients cannot open.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -56,10 +58,6 @@ class ObjectStore(Protocol):
     def read_range(self, name: str, offset: int, length: int) -> bytes: ...
 
     def read_named(self, name: str) -> Iterable[bytes | memoryview]: ...
-
-    def get_bytes(self, name: str) -> bytes | None: ...
-
-    def put_bytes(self, name: str, data: bytes) -> None: ...
 
     def delete_object(self, name: str) -> None: ...
 
@@ -134,17 +132,6 @@ def chunk_id_key(handover: Handover, domain: str) -> bytes | None:
     return key
 
 
-def current_key(handover: Handover, domain: str) -> bytes | None:
-    """The chunk-id key the source holds for blobs of `domain`, or None if it holds none
-    for it (never made here: see chunk_id_key)."""
-    try:
-        current = json.loads(_domain_path(handover, KEY_INFO).read_text()).get("domain")
-        key = (state_dir(handover) / ids.KEY_FILE).read_bytes()
-    except (OSError, ValueError):
-        return None
-    return key if current == domain and domain and len(key) == ids.KEY_SIZE else None
-
-
 def _write_json(path: Path, body: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(body) + "\n")
@@ -166,9 +153,11 @@ def parent_entries(handover: Handover, domain: str) -> Iterator[Entry] | None:
 
 @dataclass
 class Built:
-    """A chunked generation built into a staging directory: its index file and figures."""
+    """A chunked generation built into a staging directory: its index file, its encrypted
+    chunk-id key (encrypted generations only) and figures."""
 
     index: FileEntry
+    key: FileEntry | None
     result: BuildResult
     plain_index: Path
 
@@ -207,13 +196,27 @@ def build(
             skip,
         )
         name, size, sha256 = index.publish(plain, staging, settings.recipients)
+        key = publish_key(staging, settings) if settings.recipients else None
     except BaseException:
         plain.unlink(missing_ok=True)
         raise
     finally:
         for cache in (*caches, own):
             cache.close()
-    return Built(FileEntry(name, size, sha256), result, plain)
+    return Built(FileEntry(name, size, sha256), key, result, plain)
+
+
+def publish_key(target_dir: Path, settings: BuildSettings) -> FileEntry:
+    """Write the chunk-id key of `settings`, age-encrypted to its recipients, into
+    `target_dir` as the generation's CHUNK-ID-KEY.age, durably. Return its entry."""
+    if settings.key is None:
+        raise ValueError("an encrypted build without a chunk-id key")
+    data = ids.encrypt_key(settings.key, settings.recipients)
+    with open(target_dir / manifest.CHUNK_ID_KEY, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return FileEntry(manifest.CHUNK_ID_KEY, len(data), hashlib.sha256(data).hexdigest())
 
 
 def keep_parent(handover: Handover, built: Built, domain: str) -> None:
@@ -231,7 +234,7 @@ def chunked_manifest(
     result = built.result
     return Manifest(
         kind="data",
-        files=(built.index,),
+        files=(built.index,) if built.key is None else (built.index, built.key),
         paths=tuple(paths),
         format=manifest.CHUNKS_FORMAT_VERSION,
         data_format="chunks",

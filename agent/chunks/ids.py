@@ -3,9 +3,10 @@
 A chunk id is 32 bytes: `sha256(chunk)` without encryption, `HMAC-SHA256(key, chunk)` with
 it, so someone who can read the store cannot test whether it holds a known file. A pack id
 is the sha256 of the pack's bytes (hex), so verifying a pack needs no key. The key is 32
-random bytes made once per source, kept in the role's `.state/` and stored in the store
-age-encrypted to the recipients (`keys/chunk-id.key.age`), so a restorer with the identity
-can keep deduplicating after a disaster.
+random bytes made once per source (and again when the recipients change), kept in the
+role's `.state/`; every encrypted generation carries it, age-encrypted to its recipients
+(`CHUNK-ID-KEY.age` beside its index), so whoever holds an identity can check the chunk ids
+of any kept generation, whatever key later generations were made with.
 
 Everything here is pure except `load_or_create_key`.
 """
@@ -30,7 +31,6 @@ logger = logging.getLogger(__name__)
 ID_SIZE = 32
 KEY_SIZE = 32
 KEY_FILE = "chunk-id.key"
-KEY_OBJECT = "keys/chunk-id.key.age"
 PACKS_DIR = "packs"
 PACK_SUFFIX = ".pack"
 _HEX_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -107,18 +107,19 @@ def load_or_create_key(state_dir: Path) -> bytes:
 
 
 def encrypt_key(key: bytes, recipients: Sequence[Any]) -> bytes:
-    """Return the key age-encrypted to `recipients`: the content of `keys/chunk-id.key.age`."""
+    """Return the key age-encrypted to `recipients`: the content of a generation's
+    CHUNK-ID-KEY.age."""
     out = io.BytesIO()
     encryption.encrypt(io.BytesIO(key), out, recipients)
     return out.getvalue()
 
 
 def decrypt_key(data: bytes, identities: Sequence[Any]) -> bytes:
-    """Return the key from the content of `keys/chunk-id.key.age`. Raise DecryptionFailed
+    """Return the key from the content of a CHUNK-ID-KEY.age. Raise DecryptionFailed
     (WrongKey) if the identities cannot open it, ValueError if it holds no key."""
     out = io.BytesIO()
     encryption.decrypt(io.BytesIO(data), out, identities)
     key = out.getvalue()
     if len(key) != KEY_SIZE:
-        raise ValueError(f"{KEY_OBJECT} does not hold a chunk-id key")
+        raise ValueError("it does not hold a chunk-id key")
     return key

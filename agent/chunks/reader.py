@@ -31,7 +31,7 @@ from agent.chunks import ids, index, pack
 from agent.chunks.index import Entry
 from agent.chunks.pack import BlobEntry, PackError
 from agent.core import encryption
-from agent.core.manifest import Manifest, PackRef
+from agent.core.manifest import CHUNK_ID_KEY, Manifest, PackRef
 from agent.stores import StoreError
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,6 @@ class Objects(Protocol):
     def chunks(self, kind: str, gen: str, name: str) -> Iterable[bytes | memoryview]: ...
 
     def read_range(self, name: str, offset: int, length: int) -> bytes: ...
-
-    def get_bytes(self, name: str) -> bytes | None: ...
 
     def list_objects(self, prefix: str) -> Iterator[tuple[str, int]]: ...
 
@@ -109,20 +107,24 @@ class Generation:
             raise ReadFailed(f"the index of {self.manifest.generation} is invalid: {exc}") from None
 
     def chunk_key(self) -> bytes | None:
-        """The key chunk ids were made with: None without encryption; with it, the store's
-        `keys/chunk-id.key.age` opened with the identities. Raise ReadFailed if it is missing
-        or does not open."""
+        """The key chunk ids were made with: None without encryption; with it, the
+        generation's CHUNK-ID-KEY.age, its size and sha256 checked against the manifest,
+        opened with the identities. Raise ReadFailed if it is missing, differs or does not
+        open."""
         if not self.manifest.encrypted:
             return None
-        stored = self.store.get_bytes(ids.KEY_OBJECT)
-        if stored is None:
-            raise ReadFailed(
-                f"{self.store.url} holds no {ids.KEY_OBJECT}: chunk ids cannot be checked"
-            )
+        gen = self.manifest.generation
+        [entry] = [f for f in self.manifest.files if f.path == CHUNK_ID_KEY]
+        try:
+            stored = b"".join(self.store.chunks("data", gen, entry.path))
+        except (FileNotFoundError, StoreError) as exc:
+            raise ReadFailed(f"{entry.path} of {gen} cannot be read: {exc}") from None
+        if (len(stored), hashlib.sha256(stored).hexdigest()) != (entry.size, entry.sha256):
+            raise ReadFailed(f"{entry.path} of {gen} differs from its manifest")
         try:
             return ids.decrypt_key(stored, self.identities)
         except (encryption.DecryptionFailed, ValueError) as exc:
-            raise ReadFailed(f"{ids.KEY_OBJECT}: {exc}") from None
+            raise ReadFailed(f"{entry.path} of {gen}: {exc}") from None
 
 
 def open_generation(

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from agent.chunks import gc, prune, pulled, transport
+from agent.chunks import gc, prune, pulled
 from agent.chunks import handover as chunked
 from agent.chunks.builder import BuildSettings
 from agent.config import SourceConfig
@@ -93,16 +93,12 @@ def build(config: SourceConfig, handover: Handover) -> chunked.Built:
 
 
 def pull_housekeeping(config: SourceConfig, handover: Handover) -> list[str]:
-    """A pull site, under the agent's lock after handing over: store the chunk-id key,
-    encrypted to the recipients, in the source store (with encryption), collect its
+    """A pull site, under the agent's lock after handing over: collect the source store's
     garbage (the gateway's `ack` moves generations in and rotates, but never deletes a pack:
     a build could be counting on it), free the handover of packs no waiting generation lists,
     and forget the packs the sink deleted that the source store no longer holds. Return the
     lines saying what went; a store that cannot be collected now is logged, not a failure."""
     store = source_store(config)
-    if config.encrypt_recipients:  # what a push's 2.c stores; the gateway holds no recipients
-        key = chunked.current_key(handover, config.encryption_domain)
-        transport.store_key(handover, store, key, config.encrypt_recipients)
     settings = prune.settings_for(config)
     lines = prune.after_rotation(
         store, "source store", handover, settings, gc.run_id(datetime.now(UTC))

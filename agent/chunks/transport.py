@@ -17,10 +17,9 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from agent.chunks import ids
-from agent.chunks.handover import ObjectStore, packs_of, state_dir
+from agent.chunks.handover import ObjectStore, packs_of
 from agent.core.handover import Handover
 from agent.core.manifest import Manifest, PackRef
 from agent.stores import StoreError, VerificationFailed
@@ -28,8 +27,6 @@ from agent.stores.local import LocalStore
 from agent.stores.s3 import S3Store
 
 logger = logging.getLogger(__name__)
-
-KEY_RECORD = "chunk-id.key.stored"
 
 
 @dataclass
@@ -215,25 +212,3 @@ def _upload_all(
                 future.cancel()
             raise
     return sent
-
-
-def store_key(
-    handover: Handover, store: ObjectStore, key: bytes | None, recipients: tuple[Any, ...]
-) -> None:
-    """With encryption: put the chunk-id key, age-encrypted to `recipients`, into `store` as
-    `keys/chunk-id.key.age` when the store lacks it or holds an older key (a record in the
-    handover's state says which key each store got)."""
-    if key is None:
-        return
-    record = state_dir(handover) / KEY_RECORD
-    fingerprint = f"{hashlib.sha256(key).hexdigest()} {store.url}\n"
-    known = record.read_text().splitlines(keepends=True) if record.is_file() else []
-    if fingerprint in known and store.get_bytes(ids.KEY_OBJECT) is not None:
-        return
-    store.put_bytes(ids.KEY_OBJECT, ids.encrypt_key(key, recipients))
-    record.parent.mkdir(parents=True, exist_ok=True)
-    kept = [line for line in known if not line.endswith(f" {store.url}\n")]
-    record.write_text("".join(kept) + fingerprint)
-    logger.info(
-        "stored the chunk-id key, encrypted to the recipients, in %s/%s", store.url, ids.KEY_OBJECT
-    )

@@ -22,6 +22,9 @@ FORMAT_VERSION = 1
 # A chunked data generation (docs/chunks-format.md): agents that know only format 1 refuse it
 # instead of taking its index for the data.
 CHUNKS_FORMAT_VERSION = 2
+# An encrypted chunked generation's chunk-id key, age-encrypted to its recipients: each such
+# generation carries the key its chunk ids were made with (docs/chunks-format.md).
+CHUNK_ID_KEY = "CHUNK-ID-KEY.age"
 FORMATS = (FORMAT_VERSION, CHUNKS_FORMAT_VERSION)
 DATA_FORMATS = ("archive", "chunks")
 # What the sink reads of a manifest from the other side: about 100 000 files' entries.
@@ -163,11 +166,16 @@ def _chunk_fields(body: dict[str, Any], files: tuple[FileEntry, ...]) -> dict[st
     """The fields of a chunked generation's manifest (format 2), checked."""
     if body.get("data_format") != "chunks" or body.get("kind") != "data":
         raise InvalidManifest("a format 2 manifest is a chunked data generation's")
-    if len(files) != 1 or files[0].path not in ("INDEX.zst", "INDEX.zst.age"):
-        raise InvalidManifest("a chunked generation lists exactly its index file")
+    encrypted = bool(body["encrypted"])
+    listed = tuple(f.path for f in files)
+    if listed != (("INDEX.zst.age", CHUNK_ID_KEY) if encrypted else ("INDEX.zst",)):
+        raise InvalidManifest(
+            "a chunked generation lists exactly its index file (and, encrypted, its "
+            f"{CHUNK_ID_KEY})"
+        )
     return {
         "data_format": "chunks",
-        "encrypted": bool(body["encrypted"]),
+        "encrypted": encrypted,
         "packs": _packs(body),
         "logical_size": int(body["logical_size"]),
         "added_size": int(body["added_size"]),

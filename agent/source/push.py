@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from agent import stores
 from agent.chunks import gc, prune, transport
 from agent.chunks import handover as chunked
-from agent.chunks.handover import ObjectStore
 from agent.config import SourceConfig
 from agent.core import manifest
 from agent.core.handover import Handover
@@ -121,14 +120,6 @@ def _garbage_collector(
     return collect
 
 
-def _store_key(config: SourceConfig, handover: Handover, store: ObjectStore, m: Manifest) -> None:
-    """An encrypted chunked generation: its store gets the chunk-id key, encrypted to the
-    recipients, before the generation's manifest."""
-    if m.encrypted and config.encrypt_recipients:
-        key = chunked.current_key(handover, config.encryption_domain)
-        transport.store_key(handover, store, key, config.encrypt_recipients)
-
-
 def _push_generation(
     config: SourceConfig,
     handover: Handover,
@@ -146,7 +137,6 @@ def _push_generation(
     if m.chunked:
         with job.step(f"2.a upload the packs {store.url} lacks of data generation {gen}"):
             sent = transport.send_packs(store, m.packs, handover, source_store, config.verify)
-            _store_key(config, handover, store, m)
     with job.step(f"2.a upload {kind} generation {gen} to {store.url}"):
         uploaded = [
             store.upload_file(directory / f.path, store.key(kind, gen, f.path)) for f in m.files
@@ -178,7 +168,6 @@ def _push_generation(
                 transport.send_packs(
                     source_store, m.packs, handover, store, hashed=sent.hashed, keep=others
                 )
-                _store_key(config, handover, source_store, m)
                 transport.check_present(source_store, m)
             source_store.move_in(directory, kind, gen)
             # The upload's one read hashed these very files against the manifest (a move

@@ -23,6 +23,7 @@ import pytest
 import zstandard
 
 from agent.chunks import ids, index, pack
+from agent.core.manifest import CHUNK_ID_KEY
 from tests.chunked import MiB, make_tricky_tree, restore_by_hand
 from tests.conftest import ROOT, S3_BUCKET, S3_PREFIX, agent_env, run_agent
 from tests.generations import SOURCE
@@ -206,7 +207,7 @@ def test_encryption_needs_only_the_recipients_on_the_source(make_app, s3, tmp_pa
     gen_dir = store / "data" / gen
     assert (gen_dir / index.ENCRYPTED_NAME).is_file() and not (gen_dir / index.NAME).exists()
     assert json.loads((gen_dir / "MANIFEST.json").read_text())["encrypted"] is True
-    key = ids.decrypt_key((store / ids.KEY_OBJECT).read_bytes(), [identity])
+    key = ids.decrypt_key((gen_dir / CHUNK_ID_KEY).read_bytes(), [identity])
     assert key == (tmp_path / "handover" / ".state" / "chunks" / ids.KEY_FILE).read_bytes()
     [entry] = [
         e
@@ -226,6 +227,31 @@ def test_encryption_needs_only_the_recipients_on_the_source(make_app, s3, tmp_pa
     restored = run_agent({**env, "DECRYPT_IDENTITY": str(identity)}, "restore", "--from", "s3")
     assert restored.returncode == 0, restored.stderr
     assert (app.data_dir / "secret.txt").read_bytes() == b"attack at dawn\n" * 1000
+
+
+def test_after_the_recipients_change_every_generation_verifies_chunk_ids_and_all(
+    make_app, s3, tmp_path
+):
+    """Each encrypted generation carries the chunk-id key its chunk ids were made with,
+    encrypted to its own recipients: one made before ENCRYPT_RECIPIENTS changed still has its
+    blobs decoded and their ids checked, in S3 and in the source store."""
+    app = make_app()
+    (app.data_dir / "secret.txt").write_bytes(b"attack at dawn\n" * 1000)
+    old, new = pyrage.x25519.Identity.generate(), pyrage.x25519.Identity.generate()
+    source_run(env_for(app, tmp_path, s3, ENCRYPT_RECIPIENTS=str(old.to_public())))
+    env = env_for(app, tmp_path, s3, ENCRYPT_RECIPIENTS=str(new.to_public()))
+    source_run(env)
+    first, second = s3_generations(s3)
+    store = download(s3, tmp_path / "s3")
+    keys = [(store / "data" / gen / CHUNK_ID_KEY).read_bytes() for gen in (first, second)]
+    assert ids.decrypt_key(keys[0], [old]) != ids.decrypt_key(keys[1], [new])
+
+    both = {**env, "DECRYPT_IDENTITY": f"{old}\n{new}\n"}
+    checked = run_agent(both, "verify", "--all")
+
+    assert checked.returncode == 0, checked.stderr
+    for gen in (first, second):  # in both stores
+        assert len(re.findall(rf"{gen}: .* chunks decoded and checked", checked.stderr)) == 2
 
 
 KILLER = """

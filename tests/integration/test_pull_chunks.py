@@ -19,9 +19,8 @@ from pathlib import Path
 from agent import config
 from agent.chunks import handover as chunked
 from agent.chunks import ids, prune, pulled
-from agent.chunks import site as site_of_chunks
 from agent.core.handover import Handover
-from agent.core.manifest import Manifest
+from agent.core.manifest import CHUNK_ID_KEY, Manifest
 from agent.stores.local import LocalStore
 from tests.chunked import make_tricky_tree, restore_by_hand
 from tests.conftest import AGENT, bytes_below, run_agent, start_agent, wait_until
@@ -251,7 +250,9 @@ def test_a_sink_killed_mid_rsync_of_a_large_pack_resumes_and_stores_no_partial_g
     assert_restores(site, GEN1, files, tmp_path)
 
 
-def test_encrypted_chunked_generations_are_pulled_and_verified_without_a_key(site, tmp_path):
+def test_encrypted_chunked_generations_are_pulled_and_verified_with_and_without_a_key(
+    site, tmp_path
+):
     import pyrage
 
     identity = pyrage.x25519.Identity.generate()
@@ -271,12 +272,10 @@ def test_encrypted_chunked_generations_are_pulled_and_verified_without_a_key(sit
     assert site.pull("data").returncode == 0
     hand_over(site, GEN2, {**files1, "more.bin": content(2, 400_000)}, recipients, domain=domain)
     assert site.pull("data").returncode == 0
-    site_of_chunks.pull_housekeeping(source, Handover(site.handover))
-    key = chunked.current_key(Handover(site.handover), domain)
-    stored_key = (site.source_store / ids.KEY_OBJECT).read_bytes()
-    assert key is not None and ids.decrypt_key(stored_key, [identity]) == key
     stored = sink_store(site) / "data" / GEN2
     assert (stored / "INDEX.zst.age").is_file()
+    key = (site.handover / ".state" / "chunks" / ids.KEY_FILE).read_bytes()
+    assert ids.decrypt_key((stored / CHUNK_ID_KEY).read_bytes(), [identity]) == key
     assert content(1, 1 * MiB)[:4096] not in b"".join(
         p.read_bytes() for p in sink_store(site).rglob("*.pack")
     )
@@ -284,6 +283,11 @@ def test_encrypted_chunked_generations_are_pulled_and_verified_without_a_key(sit
     verified = run_agent(site.env, "verify", "--role", "sink", "--all")
 
     assert verified.returncode == 0, verified.stderr
+    keyed = run_agent(
+        {**site.env, "DECRYPT_IDENTITY": str(identity)}, "verify", "--role", "sink", "--all"
+    )
+    assert keyed.returncode == 0, keyed.stderr
+    assert "decoded and checked" in keyed.stderr, keyed.stderr
     listed = run_agent(site.env, "list", "--role", "sink")
     assert listed.returncode == 0 and GEN2 in listed.stdout, listed.stderr
     # a pack gone from the sink store is found without a key

@@ -314,3 +314,33 @@ def test_a_chunked_manifest_with_a_malformed_pack_list_is_invalid() -> None:
     text = _chunked_manifest().to_json().replace("b" * 64, "../x")
     with pytest.raises(manifest.InvalidManifest):
         manifest.from_json(text)
+
+
+ENCRYPTED_FILES = (
+    FileEntry("INDEX.zst.age", 10, "a" * 64),
+    FileEntry(manifest.CHUNK_ID_KEY, 200, "c" * 64),
+)
+
+
+def test_an_encrypted_chunked_manifest_lists_its_index_and_its_chunk_id_key() -> None:
+    m = _chunked_manifest(encrypted=True, files=ENCRYPTED_FILES)
+    assert manifest.from_json(m.to_json()) == m
+
+
+@pytest.mark.parametrize(
+    ("encrypted", "files"),
+    [
+        (True, ENCRYPTED_FILES[:1]),  # an encrypted generation without its key
+        (True, ENCRYPTED_FILES[::-1]),
+        (False, (FileEntry("INDEX.zst", 10, "a" * 64), ENCRYPTED_FILES[1])),
+        (False, ENCRYPTED_FILES[:1]),
+        (True, (FileEntry("INDEX.zst", 10, "a" * 64), ENCRYPTED_FILES[1])),
+        (False, (FileEntry("INDEX.zst", 10, "a" * 64), FileEntry("data.tar.zst", 1, "d" * 64))),
+    ],
+)
+def test_a_chunked_manifest_listing_other_files_is_invalid(
+    encrypted: bool, files: tuple[FileEntry, ...]
+) -> None:
+    text = _chunked_manifest(encrypted=encrypted, files=files).to_json()
+    with pytest.raises(manifest.InvalidManifest, match="exactly its index"):
+        manifest.from_json(text)
