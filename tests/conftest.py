@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port, free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "backup-agent-base:bookworm")
 
@@ -173,14 +175,6 @@ def http_recorder() -> Iterator[HttpRecorder]:
     yield recorder
     httpd.shutdown()
     httpd.server_close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- the application
@@ -425,7 +419,8 @@ class S3Server:
             except Exception:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise RuntimeError(
-                        f"SeaweedFS did not start; see {self.directory}/weed.log"
+                        f"SeaweedFS did not start on ports {self.ports}; the end of "
+                        f"{self.directory}/weed.log:\n" + _log_tail(self.directory / "weed.log")
                     ) from None
                 time.sleep(0.3)
 
@@ -457,6 +452,13 @@ class S3Server:
             admin.delete_object(Bucket=S3_BUCKET, Key=key)
 
 
+def _log_tail(path: Path, lines: int = 30) -> str:
+    """The last lines of `path` but weed's retries of its worker's connection to the admin
+    server (which it makes to the admin port + 10000, whatever the flags say: harmless)."""
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join([line for line in text if "connection" not in line.lower()][-lines:])
+
+
 WEED_PORTS = (
     "s3.port",
     "s3.port.grpc",
@@ -481,20 +483,8 @@ WEED_PORTS = (
 
 
 def weed_ports() -> dict[str, int]:
-    """Free loopback ports for every listener of `weed mini`, held open together while they
-    are chosen so no two are the same."""
-    import socket
-
-    sockets = []
-    try:
-        for _ in WEED_PORTS:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return {name: sock.getsockname()[1] for name, sock in zip(WEED_PORTS, sockets, strict=True)}
-    finally:
-        for sock in sockets:
-            sock.close()
+    """Free loopback ports for every listener of `weed mini` (see tests.ports)."""
+    return dict(zip(WEED_PORTS, free_ports(len(WEED_PORTS)), strict=True))
 
 
 @pytest.fixture(scope="session")
