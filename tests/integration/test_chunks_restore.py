@@ -13,8 +13,8 @@ import pytest
 
 from tests.chunkgen import build_chunked, corrupt, pack_files
 from tests.conftest import agent_env, run_agent
+from tests.forkserver import forked_run, killed_run
 from tests.integration.test_restore import make_realistic_tree
-from tests.integration.test_restore_rollback import killed_run
 from tests.trees import snapshot
 
 pytestmark = pytest.mark.docker
@@ -158,7 +158,7 @@ def test_restore_path_killed_at_any_point_ends_with_one_whole_version(
         run = killed_run(env, point, "restore", "--path", str(tree))
         if run.returncode != 0:
             assert run.returncode == -signal.SIGKILL, (point, run.stderr)
-            assert run_agent(env, "source", "reconcile").returncode == 0, point
+            assert forked_run(env, "source", "reconcile").returncode == 0, point
         now = snapshot(tree)
         assert now in (current, backed_up), point
         outcomes.append("restored" if now == backed_up else "previous")

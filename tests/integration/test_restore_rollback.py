@@ -2,10 +2,9 @@
 many points, any number of times — ends with the data path holding exactly one complete
 version, byte for byte. Against a real application container and its named volume.
 
-The kills are deterministic: the agent runs under a small wrapper that counts the file system
-changes it makes (Python's audit events for rename, mkdir, rmdir, remove, chmod, chown, utime)
-and SIGKILLs itself just before the N-th one, so "killed at point N" means the first N - 1
-changes happened and no other.
+The kills are deterministic (tests.forkserver): the agent SIGKILLs itself just before its
+N-th file system change, so "killed at point N" means the first N - 1 changes happened and no
+other.
 """
 
 from __future__ import annotations
@@ -13,38 +12,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from agent.swap.journal import REPLACED, STAGING
-from tests.conftest import ROOT, App, agent_env, run_agent
+from tests.conftest import App, agent_env, run_agent
+from tests.forkserver import killed_run
 from tests.trees import snapshot
 
 pytestmark = pytest.mark.docker
-
-KILLER = """
-import os, runpy, signal, sys
-
-at, needle = int(os.environ["KILL_AT"]), os.environ.get("KILL_ON", "")
-changes = {"os.rename", "os.mkdir", "os.rmdir", "os.remove", "os.chmod", "os.chown",
-           "os.utime"}
-seen = 0
-
-def hook(event, args):
-    global seen
-    if event in changes and (not needle or any(needle in str(a) for a in args[:2])):
-        seen += 1
-        if seen == at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-sys.addaudithook(hook)
-sys.argv = ["backup-agent", *sys.argv[1:]]
-runpy.run_module("agent", run_name="__main__", alter_sys=True)
-"""
 
 FILES = 2000  # top-level entries: one rename each, in every phase of the swap and rollback
 
@@ -57,21 +35,6 @@ def write_version(data: Path, name: str) -> None:
     (data / "tree" / "sub" / "deep.txt").write_text(f"{name} deep\n")
     for index in range(50):
         (data / f"only-{name}-{index:02d}").write_text(name)
-
-
-def killed_run(
-    env: dict[str, str], at: int, *args: str, on: str = ""
-) -> subprocess.CompletedProcess[str]:
-    """Run the agent, killed just before its `at`-th file system change (counting only those
-    naming `on`, if given)."""
-    return subprocess.run(
-        [sys.executable, "-c", KILLER, *args],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        timeout=300,
-        env={**env, "KILL_AT": str(at), "KILL_ON": on},
-    )
 
 
 @dataclass
