@@ -16,6 +16,16 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "backup-agent-postgres:15"
 PGDATA = "pgdata"  # the data directory, inside the volume
 MOUNT = "/var/lib/postgresql/volume"
+# How the server's and the load's containers run (kept out of the image: tests/postgres/
+# Dockerfile). A stop is PostgreSQL's fast shutdown (SIGINT): smart shutdown (SIGTERM) would
+# wait for the clients of the load to disconnect.
+ENVIRONMENT = {
+    "PATH": "/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin"
+    ":/sbin:/bin",
+    "PGDATA": f"{MOUNT}/{PGDATA}",
+    "PGHOST": "/run/pg",
+}
+RUN_SETTINGS = {"user": "postgres", "stop_signal": "SIGINT", "environment": ENVIRONMENT}
 
 # The client container: the probe connects every 100 ms and prints one line per attempt
 # (`<epoch seconds> ok|fail`); pgbench runs continuously, started again whenever the server
@@ -112,7 +122,8 @@ class Database:
             ["bash", "-c", CLIENT_SCRIPT],  # type: ignore[attr-defined]
             name=f"{self.container.name}-load",
             detach=True,  # type: ignore[attr-defined]
-            environment={"CLIENTS": str(clients)},
+            user="postgres",
+            environment={**ENVIRONMENT, "CLIENTS": str(clients)},
             volumes={self.socket_volume.name: {"bind": "/run/pg"}},
         )  # type: ignore[attr-defined]
         self.made.append(container)
@@ -136,6 +147,8 @@ def start_database(
     sockets = client.volumes.create(f"{prefix}-{tag}-run")
     container = client.containers.run(
         image,
+        ["pg-entrypoint"],
+        **RUN_SETTINGS,
         name=f"{prefix}-{tag}",
         detach=True,
         labels={label: "true", **(labels or {})},
