@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.chunks import blob, ids, index, pack
+from agent.chunks import handover as chunked
+from agent.chunks.builder import BuildSettings
 from agent.chunks.pack import PackWriter
 from agent.core import manifest
 from agent.core.manifest import FileEntry, Manifest, PackRef
 from agent.stores.local import LocalStore
 
 PACK_SIZE = 6000
+CHUNK_ID_KEY = b"chunk-id key of the test stores!"  # 32 bytes
 
 
 def held_blobs(store: LocalStore) -> dict[bytes, str]:
@@ -60,8 +63,9 @@ def build(
     """Write generation `gen` of `files` (path → its chunks) below `root`: new blobs into
     packs at `root/packs`, then the index, then (unless not `manifest_last`) the manifest,
     which lists every pack holding one of its chunks (those in `dedup`, found below `root`
-    or `other_roots`, or new). With `recipients`, blobs and index are encrypted to them (the
-    chunk ids stay unkeyed: the tests need no chunk-id key)."""
+    or `other_roots`, or new). With `recipients`, blobs and index are encrypted to them, the
+    chunk ids are keyed with CHUNK_ID_KEY, and the generation carries that key."""
+    key = CHUNK_ID_KEY if recipients else None
     staging = root / ".staging"
     staging.mkdir(parents=True, exist_ok=True)
     writer: PackWriter | None = None
@@ -83,7 +87,7 @@ def build(
         offset = 0
         chunk_list = []
         for chunk in files[path]:
-            cid = ids.chunk_id(chunk, None)
+            cid = ids.chunk_id(chunk, key)
             chunk_list.append((cid.hex(), offset, len(chunk)))
             offset += len(chunk)
             if cid in dedup or cid in where or cid in pending:
@@ -122,6 +126,10 @@ def build(
         iw.write(entry)
     iw.close()
     name, size, sha = index.publish(plain, directory, recipients)
+    listed_files = [FileEntry(name, size, sha)]
+    if recipients:
+        settings = BuildSettings(1, recipients, key, PACK_SIZE, 1)
+        listed_files.append(chunked.publish_key(directory, settings))
     m = Manifest(
         source_id="test",
         kind="data",
@@ -129,7 +137,7 @@ def build(
         created_at=gen,
         downtime_seconds=0.0,
         agent_version="test",
-        files=(FileEntry(name, size, sha),),
+        files=tuple(listed_files),
         format=manifest.CHUNKS_FORMAT_VERSION,
         data_format="chunks",
         encrypted=bool(recipients),
