@@ -18,13 +18,16 @@ fi
 python_tag="$(docker run --rm --entrypoint python3 "$BASE_IMAGE" \
     -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 machine="$(uname -m)"
+# The agent's wheel in build/wheels/agent, its dependencies' in build/wheels/deps: the images
+# install them in two steps, so a new agent leaves the dependency layers as they were.
 rm -rf build/wheels
-mkdir -p build/wheels
-python3 -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir build/wheels .
-python3 -m pip download --quiet --disable-pip-version-check --dest build/wheels \
+mkdir -p build/wheels/agent build/wheels/deps
+python3 -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir build/wheels/agent .
+python3 -m pip download --quiet --disable-pip-version-check --dest build/wheels/deps \
     --only-binary=:all: --python-version "$python_tag" --implementation cp \
     --platform "manylinux2014_$machine" --platform "manylinux_2_17_$machine" \
-    --platform "manylinux_2_28_$machine" "$(echo build/wheels/backup_agent-*.whl)[kubernetes]"
+    --platform "manylinux_2_28_$machine" "$(echo build/wheels/agent/backup_agent-*.whl)[kubernetes]"
+rm -f build/wheels/deps/backup_agent-*.whl
 
 for role in source sink; do
     docker build --quiet --build-arg "BASE_IMAGE=$BASE_IMAGE" -f "Dockerfile.$role" \
